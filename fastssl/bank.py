@@ -1,0 +1,221 @@
+"""The memory bank: a FIFO ring buffer of L2-normalized keys shared by every bank method.
+
+MoCo's queue (He et al. 2020), ISD's and MSF's memory bank, ReSSL's relation buffer and NNCLR's support set are all
+this one structure. Unlike the official implementations it accepts any batch size (the tail wraps around instead of
+requiring ``size % batch == 0``), can start empty, stores labels for purity / kNN monitoring, and validates its input
+before touching anything, so a bad batch leaves the bank exactly as it was.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+INITS = ("random", "empty")
+
+
+class MemoryBank(nn.Module):
+    """FIFO ring buffer of ``size`` unit-norm keys of dimension ``dim``.
+
+    Buffers (all persistent, so a ``state_dict`` round trip restores the bank exactly):
+        queue: (size, dim) keys in ``dtype``.
+        ptr: () int64, the next row to write.
+        count: () int64, the number of valid rows (valid rows are always ``queue[:count]``).
+        label_queue: (size,) int64 labels, -1 = unknown (only with ``store_labels=True``).
+
+    Args:
+        size: number of rows K.
+        dim: key dimension D.
+        dtype: storage dtype (fp16 halves the memory and bandwidth of fp32; similarities still accumulate in fp32).
+        device: storage device.
+        init: ``"random"`` fills every row with a random unit vector (normalized per row — the official ISD R18
+            script normalizes along dim 0, a bug not copied here); ``"empty"`` starts with no valid row.
+        store_labels: keep an int64 label per row.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        init: str = "random",
+        store_labels: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if init == "random":
+            queue = F.normalize(torch.randn(size, dim, device=device), dim=1).to(dtype)
+            count = size
+        else:
+            queue = torch.zeros(size, dim, dtype=dtype, device=device)
+            count = 0
+        self.register_buffer("queue", queue)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("count", torch.tensor(count, dtype=torch.long, device=device))
+        if store_labels:
+            self.register_buffer("label_queue", torch.full((size,), -1, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("label_queue", None)
+
+    @property
+    def size(self) -> int:
+        return self.queue.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.queue.shape[1]
+
+    def __len__(self) -> int:
+        return int(self.count)
+
+    @property
+    def is_full(self) -> bool:
+        return len(self) == self.size
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """(n_valid, D) view of the valid rows (no copy)."""
+        return self.queue if self.is_full else self.queue[: len(self)]
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """(n_valid,) int64 labels of the valid rows (-1 = unknown), or None without ``store_labels``."""
+        if self.label_queue is None:
+            return None
+        return self.label_queue if self.is_full else self.label_queue[: len(self)]
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}, valid={len(self)}"
+
+    def _check(self, keys: torch.Tensor, labels: torch.Tensor | None) -> tuple[type[Exception], str] | None:
+        """The first problem with this batch as (exception type, message), or None. Never raises, so ranks can agree
+        before anyone raises."""
+        if not isinstance(keys, torch.Tensor):
+            return TypeError, f"keys must be a torch.Tensor, got {type(keys).__name__}"
+        if keys.dim() != 2:
+            return (
+                ValueError,
+                f"keys must have shape (batch, {self.dim}), got a {keys.dim()}-D tensor of shape {tuple(keys.shape)}",
+            )
+        if keys.shape[1] != self.dim:
+            return ValueError, f"keys have dim {keys.shape[1]}, the bank has dim {self.dim}"
+        if not keys.dtype.is_floating_point:
+            return (
+                TypeError,
+                f"keys must be floating point to be normalized and cast to {self.queue.dtype}, got {keys.dtype}",
+            )
+        if keys.device != self.queue.device:
+            return ValueError, f"keys are on {keys.device}, the bank is on {self.queue.device}"
+        if keys.shape[0] > self.size:
+            return ValueError, f"batch of {keys.shape[0]} keys is larger than the bank ({self.size} rows)"
+        if not bool(torch.isfinite(keys).all()):
+            return ValueError, "keys contain NaN or inf"
+        if keys.shape[0] and not bool((keys.abs().amax(dim=1) > 0).all()):
+            return ValueError, "keys contain an all-zero row, which has no direction to normalize"
+        if labels is not None:
+            if self.label_queue is None:
+                return ValueError, "labels were given but the bank was built with store_labels=False"
+            if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != keys.shape[0]:
+                shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                return ValueError, f"labels must have shape ({keys.shape[0]},) to match the keys, got {shape}"
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                return TypeError, f"labels must be integers, got {labels.dtype}"
+            if labels.device != self.queue.device:
+                return ValueError, f"labels are on {labels.device}, the bank is on {self.queue.device}"
+        return None
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """L2-normalizes ``keys``, casts them to the bank dtype and writes them in FIFO order.
+
+        Under an initialized torch.distributed process group the keys (and labels) of every rank are all-gathered
+        first (batch sizes may differ between ranks), so all ranks end with identical banks; every rank must call
+        this. Validation happens on every rank before any write, and a bad batch on any rank raises on all ranks.
+
+        Args:
+            keys: (B, D) floating-point keys, B ≤ size.
+            labels: optional (B,) integer labels (requires ``store_labels=True``); unknown rows get -1 when omitted.
+
+        Raises:
+            ValueError / TypeError: naming the problem; the bank is left unchanged.
+        """
+        problem = self._check(keys, labels)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            problem = self._agree_on_problem(problem, keys)
+        if problem is not None:
+            error, message = problem
+            raise error(f"MemoryBank.enqueue: {message}")
+        # Normalize in at least fp32 (fp64 keys stay fp64), so a key stored in its own precision is bitwise the
+        # normalized key the losses compute: MSF with k=1 then equals BYOL exactly.
+        keys = F.normalize(keys.detach().to(torch.promote_types(keys.dtype, torch.float32)), dim=1)
+        keys = keys.to(self.queue.dtype)
+        if self.label_queue is not None:
+            labels = (
+                torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
+                if labels is None
+                else labels.detach().to(torch.long)
+            )
+        if distributed:
+            keys, labels = self._all_gather(keys, labels)
+            if keys.shape[0] > self.size:
+                raise ValueError(
+                    f"MemoryBank.enqueue: the {keys.shape[0]} keys gathered from all ranks exceed the bank "
+                    f"({self.size} rows)"
+                )
+        self._write(keys, labels)
+
+    def _write(self, keys: torch.Tensor, labels: torch.Tensor | None) -> None:
+        n, size = keys.shape[0], self.size
+        ptr = int(self.ptr)
+        head = min(n, size - ptr)  # rows that fit before the end of the ring; the rest wrap to row 0
+        self.queue[ptr : ptr + head].copy_(keys[:head])
+        self.queue[: n - head].copy_(keys[head:])
+        if self.label_queue is not None:
+            self.label_queue[ptr : ptr + head].copy_(labels[:head])
+            self.label_queue[: n - head].copy_(labels[head:])
+        self.ptr.fill_((ptr + n) % size)
+        self.count.fill_(min(int(self.count) + n, size))
+
+    def _agree_on_problem(
+        self, problem: tuple[type[Exception], str] | None, keys: torch.Tensor
+    ) -> tuple[type[Exception], str] | None:
+        """All ranks learn whether any rank's batch is bad, so none blocks in the all-gather that follows."""
+        flag = torch.tensor([0 if problem is None else 1], device=self._comm_device())
+        dist.all_reduce(flag)
+        if problem is None and int(flag) > 0:
+            return ValueError, "another rank passed an invalid batch (see its error)"
+        return problem
+
+    def _comm_device(self) -> torch.device:
+        return self.queue.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def _all_gather(self, keys: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Concatenates every rank's batch in rank order, padded to the largest batch (all_gather needs equal sizes)."""
+        world = dist.get_world_size()
+        comm = self._comm_device()
+        local_n = torch.tensor([keys.shape[0]], device=comm)
+        sizes = [torch.zeros_like(local_n) for _ in range(world)]
+        dist.all_gather(sizes, local_n)
+        sizes = [int(s) for s in sizes]
+        max_n = max(sizes)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            padded = torch.zeros((max_n, *t.shape[1:]), dtype=t.dtype, device=comm)
+            padded[: t.shape[0]] = t.to(comm)
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded)
+            return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).to(self.queue.device)
+
+        return gather(keys), None if labels is None else gather(labels)

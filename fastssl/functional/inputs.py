@@ -1,0 +1,60 @@
+"""Validation and preparation of the inputs every functional loss shares: embeddings, banks and temperatures."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastssl.bank import MemoryBank
+
+
+def normalized(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalized rows in fp32 (fp64 stays fp64); differentiable.
+
+    fp16/bf16 inputs are NOT rounded back after normalizing: at τ_t = 0.01 the 2⁻¹¹ rounding of a unit vector would
+    move logits by ~1e-2, more than the whole fp32-accumulation error budget.
+    """
+    return F.normalize(x if x.dtype == torch.float64 else x.float(), dim=1)
+
+
+def check_embeddings(name: str, x: torch.Tensor, *, like: torch.Tensor | None = None, like_name: str = "") -> None:
+    """Raises a clear error unless ``x`` is a finite-shaped (N, D) floating tensor matching ``like``'s shape/device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape (N, D), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    if like is not None:
+        if x.shape != like.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but {like_name} has shape {tuple(like.shape)}")
+        if x.device != like.device:
+            raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
+
+
+def bank_rows(bank: torch.Tensor | MemoryBank, query: torch.Tensor) -> torch.Tensor:
+    """The (K, D) valid rows of a bank (a tensor or a :class:`~fastssl.MemoryBank`), checked against ``query``."""
+    rows = bank.keys if isinstance(bank, MemoryBank) else bank
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"bank must be a torch.Tensor or a fastssl.MemoryBank, got {type(bank).__name__}")
+    if rows.dim() != 2:
+        raise ValueError(f"bank must have shape (K, D), got {tuple(rows.shape)}")
+    if not rows.dtype.is_floating_point:
+        raise TypeError(f"bank must be floating point, got {rows.dtype}")
+    if rows.shape[1] != query.shape[1]:
+        raise ValueError(f"bank has dim {rows.shape[1]} but the embeddings have dim {query.shape[1]}")
+    if rows.shape[0] == 0:
+        raise ValueError("bank has no valid rows yet (an init='empty' bank needs an enqueue first)")
+    if rows.device != query.device:
+        raise ValueError(f"bank is on {rows.device} but the embeddings are on {query.device}")
+    return rows
+
+
+def check_temperature(name: str, tau: float) -> float:
+    """τ must be a positive finite number; returns it as a float."""
+    tau = float(tau)
+    if not (tau > 0 and tau < float("inf")):
+        raise ValueError(f"{name} must be a positive finite temperature, got {tau}")
+    return tau

@@ -1,0 +1,54 @@
+"""Functional soft-target bank cross-entropy (the shared core of ISD and ReSSL)."""
+
+from __future__ import annotations
+
+import torch
+
+from fastssl.bank import MemoryBank
+from fastssl.functional.inputs import bank_rows, check_embeddings, check_temperature, normalized
+from fastssl.ops.soft_bank_cross_entropy import soft_bank_cross_entropy as soft_bank_cross_entropy_op
+
+
+def soft_bank_cross_entropy(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    bank: torch.Tensor | MemoryBank,
+    tau_student: float,
+    tau_teacher: float,
+    *,
+    kl: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per row CE(softmax(t·Bᵀ/τ_t), softmax(s·Bᵀ/τ_s)); with ``kl=True`` the KL divergence KL(p_t‖p_s).
+
+    Never materializes the (N, K) logits except with ``backend="reference"``.
+
+    Args:
+        student: (N, D) student embeddings (normalized here); the only input that receives a gradient.
+        teacher: (N, D) teacher embeddings (normalized here; detached).
+        bank: (K, D) tensor or :class:`~fastssl.MemoryBank` (its valid rows); rows are used as stored.
+        tau_student: student temperature τ_s.
+        tau_teacher: teacher temperature τ_t (τ_t < τ_s sharpens the target).
+        kl: subtract the teacher entropy, giving KL(p_t‖p_s).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        backend: ``"auto"`` | ``"reference"`` | ``"streaming"`` | ``"triton"``.
+
+    Returns:
+        fp32 scalar (fp64 for fp64 inputs), or (N,) with ``reduction="none"``.
+    """
+    check_embeddings("student", student)
+    check_embeddings("teacher", teacher, like=student, like_name="student")
+    rows = bank_rows(bank, student)
+    tau_student = check_temperature("tau_student", tau_student)
+    tau_teacher = check_temperature("tau_teacher", tau_teacher)
+    return soft_bank_cross_entropy_op(
+        normalized(student),
+        normalized(teacher.detach()),
+        rows,
+        tau_student,
+        tau_teacher,
+        kl=kl,
+        reduction=reduction,
+        backend=backend,
+    )

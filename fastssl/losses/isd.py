@@ -1,0 +1,48 @@
+"""ISD as a module that owns its memory bank (Tejankar et al., ICCV 2021, arXiv:2012.09259)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastssl.bank import MemoryBank
+from fastssl.functional.isd import isd_loss
+from fastssl.losses.bank_owner import own_or_given_bank
+
+
+class ISDLoss(nn.Module):
+    """KL(p_t‖p_s) over a memory bank; enqueues the teacher keys AFTER the loss, like the official code.
+
+    Args:
+        dim: embedding dimension D (omit when passing ``bank``).
+        bank_size: K (official: 128,000 for ISD R18/R50).
+        tau_student: τ_s (0.1).
+        tau_teacher: τ_t (0.01).
+        bank: an existing :class:`~fastssl.MemoryBank` to use instead of building one.
+        bank_dtype: storage dtype of a new bank.
+        backend: loss backend (``"auto"`` picks Triton on CUDA).
+
+    Shape:
+        student, teacher: (N, D) → scalar.
+    """
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        bank_size: int = 128_000,
+        *,
+        tau_student: float = 0.1,
+        tau_teacher: float = 0.01,
+        bank: MemoryBank | None = None,
+        bank_dtype: torch.dtype = torch.float16,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=False)
+        self.tau_student, self.tau_teacher, self.backend = tau_student, tau_teacher, backend
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        loss = isd_loss(student, teacher, self.bank, self.tau_student, self.tau_teacher, backend=self.backend)
+        if self.training:
+            self.bank.enqueue(teacher.detach())
+        return loss

@@ -1,0 +1,53 @@
+"""MSF as a module that owns its bank (Koohpayegani et al., ICCV 2021, arXiv:2105.07269)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastssl.bank import MemoryBank
+from fastssl.functional.msf import msf_loss
+from fastssl.functional.purity import mean_shift_purity
+from fastssl.losses.bank_owner import own_or_given_bank
+
+
+class MSFLoss(nn.Module):
+    """Mean-shift loss; enqueues the targets BEFORE the neighbour search, like the official ``train_msf.py``.
+
+    Args:
+        dim: embedding dimension D (omit when passing ``bank``).
+        bank_size: K (official: 128,000 or 1,024,000).
+        k: neighbours (5; 10 with the 1.024M bank).
+        bank: an existing :class:`~fastssl.MemoryBank` (``store_labels=True`` to monitor purity).
+        bank_dtype: storage dtype of a new bank.
+        store_labels: keep labels in a new bank so ``forward(..., labels=)`` records purity.
+        backend: top-k backend.
+
+    Shape:
+        query, target: (N, D); labels: optional (N,) → scalar. With labels, ``last_purity`` holds the batch's MSF
+        purity (self match included) as a 0-d tensor.
+    """
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        bank_size: int = 128_000,
+        *,
+        k: int = 5,
+        bank: MemoryBank | None = None,
+        bank_dtype: torch.dtype = torch.float16,
+        store_labels: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=store_labels)
+        self.k, self.backend = k, backend
+        self.last_purity: torch.Tensor | None = None
+
+    def forward(self, query: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        stored_labels = labels if self.bank.label_queue is not None else None
+        self.bank.enqueue(target.detach(), stored_labels)
+        loss = msf_loss(query, target, self.bank, self.k, backend=self.backend)
+        if labels is not None and self.bank.label_queue is not None:
+            self.last_purity = mean_shift_purity(target.detach(), labels, self.bank, self.k, backend=self.backend)
+        return loss

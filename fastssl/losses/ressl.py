@@ -1,0 +1,73 @@
+"""ReSSL as a module with the journal version's InfoNCE warm-up (Zheng et al. 2021, arXiv:2107.09282 / 2203.08717)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastssl.bank import MemoryBank
+from fastssl.functional.moco import moco_loss
+from fastssl.functional.ressl import ressl_loss
+from fastssl.losses.bank_owner import own_or_given_bank
+
+
+class ReSSLLoss(nn.Module):
+    """α·L_relation + (1 − α)·L_InfoNCE with α = step / warmup_steps (clipped to 1), then enqueue the teacher keys.
+
+    With ``warmup_steps=0`` this is the conference version's pure relation loss. The InfoNCE term uses the same bank
+    as negatives and the teacher's weak-view key as positive; terms with zero weight are not computed.
+
+    Args:
+        dim: embedding dimension D (omit when passing ``bank``).
+        bank_size: K (CIFAR: 4096/16384; ImageNet: 65,536).
+        tau_student: τ_s (0.1).
+        tau_teacher: τ_t (0.04; 0.03 for ImageNet).
+        warmup_steps: InfoNCE warm-up length in optimizer steps (0 disables it).
+        tau_infonce: temperature of the warm-up InfoNCE term.
+        bank: an existing :class:`~fastssl.MemoryBank`.
+        bank_dtype: storage dtype of a new bank.
+        backend: loss backend.
+
+    Shape:
+        student, teacher: (N, D) → scalar. ``step`` defaults to an internal counter advanced by each training call
+        (a persistent buffer, so it resumes with the state_dict).
+    """
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        bank_size: int = 65_536,
+        *,
+        tau_student: float = 0.1,
+        tau_teacher: float = 0.04,
+        warmup_steps: int = 0,
+        tau_infonce: float = 0.2,
+        bank: MemoryBank | None = None,
+        bank_dtype: torch.dtype = torch.float16,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=False)
+        self.tau_student, self.tau_teacher, self.tau_infonce = tau_student, tau_teacher, tau_infonce
+        self.warmup_steps, self.backend = warmup_steps, backend
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def alpha(self, step: int) -> float:
+        """Weight of the relation loss at ``step``: step / warmup_steps, clipped to [0, 1]."""
+        return 1.0 if self.warmup_steps == 0 else min(max(step / self.warmup_steps, 0.0), 1.0)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        alpha = self.alpha(int(self.step) if step is None else step)
+        loss = student.new_zeros((), dtype=torch.float64 if student.dtype == torch.float64 else torch.float32)
+        if alpha > 0:
+            relation = ressl_loss(student, teacher, self.bank, self.tau_student, self.tau_teacher, backend=self.backend)
+            loss = loss + alpha * relation
+        if alpha < 1:
+            infonce = moco_loss(student, teacher, self.bank, self.tau_infonce, backend=self.backend)
+            loss = loss + (1 - alpha) * infonce
+        if self.training:
+            self.bank.enqueue(teacher.detach())
+            self.step += 1
+        return loss

@@ -1,0 +1,88 @@
+"""InfoNCE against a memory bank with one positive key per query (MoCo, He et al. 2020, arXiv:1911.05722).
+
+Derivation (q: L2-normalized query, k⁺: its positive key, B: (K, D) bank of negatives, τ: temperature):
+
+    z = [q·k⁺, q·b_0, …, q·b_{K-1}] / τ,   v = [k⁺, b_0, …, b_{K-1}]
+    L = −log softmax(z)_0 = LSE(z) − q·k⁺/τ
+    ∂L/∂q = (Σ_j softmax(z)_j v_j − k⁺)/τ = (μ − k⁺)/τ
+
+One pass computing (LSE, μ) with the positive folded in as logit 0 yields loss and gradient. Keys get no gradient
+(they come from the momentum encoder).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastssl.ops.backend import accumulation_dtype, resolve_backend
+from fastssl.ops.bank_softmax_stats import bank_softmax_stats
+from fastssl.ops.reduction import reduce_rows
+
+
+def bank_info_nce_reference(
+    query: torch.Tensor, key: torch.Tensor, bank: torch.Tensor, tau: float, *, reduction: str = "mean"
+) -> torch.Tensor:
+    """Materializing oracle: logits [q·k⁺, q·Bᵀ]/τ with label 0, as in MoCo's builder."""
+    acc_dtype = accumulation_dtype(query, key, bank)
+    q = query.to(acc_dtype)
+    l_pos = (q * key.detach().to(acc_dtype)).sum(dim=1, keepdim=True)  # (N, 1)
+    l_neg = q @ bank.detach().to(acc_dtype, copy=True).T  # (N, K)
+    logits = torch.cat([l_pos, l_neg], dim=1) / tau
+    target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return reduce_rows(F.cross_entropy(logits, target, reduction="none"), reduction)
+
+
+class BankInfoNCEFunction(torch.autograd.Function):
+    """Loss and gradient from one bank pass; saves only the (N, D) gradient, never the bank."""
+
+    @staticmethod
+    def forward(ctx, query, key, bank, tau: float, reduction: str, backend: str):
+        n = query.shape[0]
+        acc_dtype = accumulation_dtype(query, key, bank)
+        inv_tau = torch.full((n,), 1.0 / tau, dtype=acc_dtype, device=query.device)
+        key_x = key.to(query.dtype)
+        lse, mu = bank_softmax_stats(query, inv_tau, bank, key_x, backend=backend)
+        k_acc = key_x.to(acc_dtype)
+        rows = lse - (query.to(acc_dtype) * k_acc).sum(dim=1) / tau
+        grad = (mu - k_acc) / tau
+        if reduction == "mean":
+            grad = grad / n
+        ctx.reduction = reduction
+        ctx.query_dtype = query.dtype
+        ctx.save_for_backward(grad)
+        return reduce_rows(rows, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        scale = grad_output[:, None] if ctx.reduction == "none" else grad_output
+        return (grad * scale).to(ctx.query_dtype), None, None, None, None, None
+
+
+def bank_info_nce(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    bank: torch.Tensor,
+    tau: float,
+    *,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """InfoNCE of already-normalized queries with positive ``key`` and negatives ``bank``.
+
+    Args:
+        query: (N, D) L2-normalized queries; receives the gradient.
+        key: (N, D) L2-normalized positive keys; no gradient.
+        bank: (K, D) negatives, used as stored.
+        tau: temperature τ.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
+        backend: see :mod:`fastssl.ops.backend`.
+
+    Returns:
+        Scalar (or (N,)) in fp32 (fp64 for fp64 inputs).
+    """
+    backend = resolve_backend(backend, query, key, bank)
+    if backend == "reference":
+        return bank_info_nce_reference(query, key, bank, tau, reduction=reduction)
+    return BankInfoNCEFunction.apply(query, key.detach(), bank.detach(), tau, reduction, backend)

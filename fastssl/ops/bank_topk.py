@@ -1,0 +1,92 @@
+"""Exact top-k of query·bankᵀ with indices, ties broken by the lower bank index.
+
+Used by MSF (neighbours of the target, Koohpayegani et al. 2021, arXiv:2105.07269), NNCLR (support-set nearest
+neighbour, Dwibedi et al. 2021, arXiv:2104.14548), MSF purity and kNN evaluation.
+
+Tie-breaking: a stable descending sort keeps equal values in input order. The streaming backend takes each chunk's
+exact top-k (torch.topk for the k-th value, then the lowest-indexed ties), keeps its running top-k sorted by
+(value desc, index asc), and appends each chunk's (all of whose indices are larger) before a stable sort, so the
+invariant holds after every merge and equals a stable sort of the full row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastssl.ops.backend import accumulation_dtype, resolve_backend
+
+DEFAULT_CHUNK = 16384
+
+
+def _stable_topk(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+    return values.gather(1, order), indices.gather(1, order)
+
+
+def bank_topk_reference(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materializing oracle: full (N, K) similarity matrix, stable descending sort."""
+    acc_dtype = accumulation_dtype(query, bank)
+    sims = query.to(acc_dtype) @ bank.to(acc_dtype).T
+    index = torch.arange(bank.shape[0], device=query.device).expand_as(sims)
+    return _stable_topk(sims, index, k)
+
+
+def _chunk_topk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of each row of ``sims`` (N, c) by (value desc, column asc), without sorting the whole row.
+
+    torch.topk finds the k-th largest value v_k but may pick any of several columns equal to it; so keep every column
+    with value > v_k, then the lowest-indexed columns equal to v_k until each row has exactly k.
+    """
+    kth = sims.topk(k, dim=1).values[:, -1:]  # (N, 1)
+    above = sims > kth
+    equal = sims == kth
+    needed = k - above.sum(dim=1, keepdim=True)
+    keep = above | (equal & (equal.cumsum(dim=1) <= needed))
+    columns = keep.nonzero()[:, 1].view(sims.shape[0], k)  # ascending column order within each row
+    return _stable_topk(sims.gather(1, columns), columns, k)
+
+
+def bank_topk_streaming(
+    query: torch.Tensor, bank: torch.Tensor, k: int, *, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked top-k with a running merge; memory O(N·(k + chunk))."""
+    chunk_size = chunk_size or DEFAULT_CHUNK
+    acc_dtype = accumulation_dtype(query, bank)
+    q = query.to(acc_dtype)
+    n = q.shape[0]
+    best_values = q.new_empty(n, 0)
+    best_index = torch.empty(n, 0, dtype=torch.long, device=q.device)
+    for start in range(0, bank.shape[0], chunk_size):
+        sims = q @ bank[start : start + chunk_size].to(acc_dtype).T  # (N, c)
+        values, columns = _chunk_topk(sims, min(k, sims.shape[1]))
+        # Running entries all have lower indices than this chunk's, so the stable sort keeps ties index-ordered.
+        best_values, best_index = _stable_topk(
+            torch.cat([best_values, values], dim=1), torch.cat([best_index, columns + start], dim=1), k
+        )
+    return best_values, best_index
+
+
+def bank_topk(
+    query: torch.Tensor, bank: torch.Tensor, k: int, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k similarities of each query row against the bank rows, exact, as stored (no normalization here).
+
+    Args:
+        query: (N, D) query rows.
+        bank: (K, D) bank rows.
+        k: neighbours per row, 1 ≤ k ≤ K.
+        backend: see :mod:`fastssl.ops.backend`.
+
+    Returns:
+        values: (N, k) similarities, descending, fp32 (fp64 for fp64 inputs).
+        indices: (N, k) int64 bank indices; equal values are ordered by lower index first.
+    """
+    backend = resolve_backend(backend, query, bank)
+    with torch.no_grad():
+        if backend == "reference":
+            return bank_topk_reference(query, bank, k)
+        if backend == "streaming":
+            return bank_topk_streaming(query, bank, k)
+        from fastssl.kernels.bank_topk import bank_topk as launch
+
+        return launch(query.contiguous(), bank.contiguous(), k)

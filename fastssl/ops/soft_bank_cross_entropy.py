@@ -1,0 +1,129 @@
+"""Soft-target cross-entropy between teacher and student similarity distributions over a memory bank.
+
+Used by ISD (KL, Tejankar et al. 2021, arXiv:2012.09259) and ReSSL (CE, Zheng et al. 2021, arXiv:2107.09282).
+
+Derivation (s, t: L2-normalized student / teacher rows; B: (K, D) bank; S = s·Bᵀ/τ_s, T = t·Bᵀ/τ_t):
+
+    p = softmax(T),  q = softmax(S),  μ_p = Σ_j p_j b_j,  μ_q = Σ_j q_j b_j
+    CE(p, q) = −Σ_j p_j log q_j = LSE(S) − Σ_j p_j S_j = LSE(S) − (s·μ_p)/τ_s
+    H(p)     = LSE(T) − (t·μ_p)/τ_t,   KL(p‖q) = CE − H(p)
+    ∂CE/∂s   = Σ_j q_j b_j/τ_s − Σ_j p_j b_j/τ_s = (μ_q − μ_p)/τ_s      (= ∂KL/∂s: H(p) has no s)
+
+So one pass computing (LSE, μ) for the 2N stacked rows [s/τ_s; t/τ_t] yields the loss AND its gradient; backward
+only scales the saved (N, D) gradient by grad_output. The teacher gets no gradient (stop-gradient in both papers).
+The chain rule through the L2-normalization is left to autograd outside this op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastssl.ops.backend import accumulation_dtype, resolve_backend
+from fastssl.ops.bank_softmax_stats import bank_softmax_stats
+from fastssl.ops.reduction import reduce_rows
+
+
+def soft_bank_cross_entropy_reference(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    bank: torch.Tensor,
+    tau_student: float,
+    tau_teacher: float,
+    *,
+    kl: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Materializing oracle: builds both (N, K) logit matrices and differentiates with autograd."""
+    acc_dtype = accumulation_dtype(student, teacher, bank)
+    b = bank.detach().to(acc_dtype, copy=True)  # a copy, so an in-place enqueue after the loss cannot break backward
+    log_q = F.log_softmax(student.to(acc_dtype) @ b.T / tau_student, dim=1)
+    log_p = F.log_softmax(teacher.detach().to(acc_dtype) @ b.T / tau_teacher, dim=1)
+    p = log_p.exp()
+    rows = -(p * log_q).sum(dim=1)
+    if kl:
+        rows = rows + (p * log_p).sum(dim=1)
+    return reduce_rows(rows, reduction)
+
+
+class SoftBankCrossEntropyFunction(torch.autograd.Function):
+    """Loss and gradient from one bank pass; saves only the (N, D) gradient, never the bank."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        bank: torch.Tensor,
+        tau_student: float,
+        tau_teacher: float,
+        kl: bool,
+        reduction: str,
+        backend: str,
+    ) -> torch.Tensor:
+        n = student.shape[0]
+        acc_dtype = accumulation_dtype(student, teacher, bank)
+        x_dtype = torch.promote_types(student.dtype, teacher.dtype)
+        x = torch.cat([student.to(x_dtype), teacher.to(x_dtype)])  # (2N, D)
+        inv_tau = torch.cat(
+            [
+                torch.full((n,), 1.0 / tau_student, dtype=acc_dtype, device=x.device),
+                torch.full((n,), 1.0 / tau_teacher, dtype=acc_dtype, device=x.device),
+            ]
+        )
+        lse, mu = bank_softmax_stats(x, inv_tau, bank, backend=backend)
+        lse_q, lse_p, mu_q, mu_p = lse[:n], lse[n:], mu[:n], mu[n:]
+        s, t = student.to(acc_dtype), teacher.to(acc_dtype)
+        rows = lse_q - (s * mu_p).sum(dim=1) / tau_student
+        if kl:
+            rows = rows - (lse_p - (t * mu_p).sum(dim=1) / tau_teacher)
+        grad = (mu_q - mu_p) / tau_student  # (N, D) ∂row/∂s
+        if reduction == "mean":
+            grad = grad / n
+        ctx.reduction = reduction
+        ctx.student_dtype = student.dtype
+        ctx.save_for_backward(grad)
+        return reduce_rows(rows, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        # One fused multiply; comparing grad_output with 1 first would cost a device sync per step.
+        scale = grad_output[:, None] if ctx.reduction == "none" else grad_output
+        return (grad * scale).to(ctx.student_dtype), None, None, None, None, None, None, None
+
+
+def soft_bank_cross_entropy(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    bank: torch.Tensor,
+    tau_student: float,
+    tau_teacher: float,
+    *,
+    kl: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """CE (or KL) of softmax(t·Bᵀ/τ_t) against softmax(s·Bᵀ/τ_s) for already-normalized rows.
+
+    Args:
+        student: (N, D) L2-normalized student rows; receives the gradient.
+        teacher: (N, D) L2-normalized teacher rows; no gradient.
+        bank: (K, D) bank rows, used as stored.
+        tau_student: τ_s.
+        tau_teacher: τ_t.
+        kl: subtract the teacher entropy H(p), giving KL(p‖q).
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
+        backend: see :mod:`fastssl.ops.backend`.
+
+    Returns:
+        Scalar (or (N,) for ``"none"``) in fp32 (fp64 for fp64 inputs).
+    """
+    backend = resolve_backend(backend, student, teacher, bank)
+    if backend == "reference":
+        return soft_bank_cross_entropy_reference(
+            student, teacher, bank, tau_student, tau_teacher, kl=kl, reduction=reduction
+        )
+    return SoftBankCrossEntropyFunction.apply(
+        student, teacher.detach(), bank.detach(), tau_student, tau_teacher, kl, reduction, backend
+    )

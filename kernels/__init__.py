@@ -1,0 +1,1 @@
+"""Triton kernels of fastssl, installed as ``fastssl.kernels``. Never imports fastssl."""

@@ -1,0 +1,60 @@
+"""Backend selection and torch.compile compatibility of the bank ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastssl.ops.backend as backend_module
+from fastssl.functional import isd_loss, moco_loss
+from fastssl.ops.backend import resolve_backend
+
+
+def test_auto_picks_streaming_on_cpu():
+    assert resolve_backend("auto", torch.zeros(1)) == "streaming"
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("fast", torch.zeros(1))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(backend_module, "triton_available", lambda: True)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", torch.zeros(1))
+
+
+def test_triton_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(backend_module, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"fastssl\[triton\]|\.\[triton\]"):
+        resolve_backend("triton", torch.zeros(1))
+
+
+def test_triton_rejects_fp64(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend_module, "triton_available", lambda: True)
+    with pytest.raises(TypeError, match="float64"):
+        resolve_backend("triton", torch.zeros(1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("loss_fn", [isd_loss, moco_loss], ids=["isd", "moco"])
+def test_compiled_training_step_matches_eager(loss_fn):
+    """A user's torch.compile'd step traces through the autograd.Function and the registered custom op."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 8)
+    x, teacher = torch.randn(5, 8), torch.randn(5, 8)
+    bank = torch.nn.functional.normalize(torch.randn(30, 8), dim=1)
+
+    def step(inp):
+        loss = loss_fn(head(inp), teacher, bank, backend="streaming")
+        loss.backward()
+        return loss
+
+    eager = step(x)
+    eager_grad = head.weight.grad.clone()
+    head.weight.grad = None
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=False)(x)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(head.weight.grad, eager_grad)

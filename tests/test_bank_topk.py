@@ -1,0 +1,82 @@
+"""Exact top-k against the bank: indices equal the stable-sort oracle, ties go to the lower index."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from backends import TOPK_BACKENDS
+from conftest import DEVICE
+
+import fastssl.ops.bank_topk as topk_module
+from fastssl import MemoryBank
+from fastssl.functional import bank_topk
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(topk_module, "DEFAULT_CHUNK", 9)
+
+
+def oracle(query, bank, k):
+    """fp64 similarities, ranked by (value desc, index asc) with Python's sort — independent of torch.sort."""
+    sims = (F.normalize(query.double().cpu(), dim=1) @ bank.double().cpu().T).tolist()
+    values, indices = [], []
+    for row in sims:
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j))[:k]
+        indices.append(order)
+        values.append([row[j] for j in order])
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(indices)
+
+
+@pytest.mark.parametrize("backend", ["reference", *TOPK_BACKENDS])
+@pytest.mark.parametrize(
+    "n,k_bank,d,k", [(1, 1, 16, 1), (7, 40, 16, 5), (5, 100, 64, 17), (3, 70, 32, 64), (4, 33, 128, 33)]
+)
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.float16])
+def test_matches_oracle(backend, n, k_bank, d, k, bank_dtype, small_chunks):
+    if backend == "triton" and DEVICE.type == "cpu" and k > 5:
+        pytest.skip("large k in Triton's interpreter takes minutes; tests/test_kernels_bank_topk.py covers k up to 64")
+    g = torch.Generator().manual_seed(n * k_bank + k)
+    query = torch.randn(n, d, generator=g).to(DEVICE)
+    bank = F.normalize(torch.randn(k_bank, d, generator=g), dim=1).to(DEVICE, bank_dtype)
+    values, indices = bank_topk(query, bank, k, backend=backend)
+    expected_values, expected_indices = oracle(query, bank, k)
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64 and values.shape == (n, k)
+    assert torch.equal(indices.cpu(), expected_indices)
+    torch.testing.assert_close(values.double().cpu(), expected_values, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", *TOPK_BACKENDS])
+def test_ties_go_to_the_lower_index(backend, small_chunks):
+    """A bank with many exact duplicates across chunk boundaries: equal values must list lower indices first."""
+    g = torch.Generator().manual_seed(0)
+    distinct = F.normalize(torch.randn(4, 16, generator=g), dim=1)
+    pattern = torch.tensor([3, 1, 0, 2, 1, 1, 3, 0, 2, 1, 0, 3, 1, 2, 0, 1, 1, 3, 2, 0, 1, 3, 3, 1, 0])
+    bank = distinct[pattern].to(DEVICE)
+    query = distinct[[1, 3, 0]].to(DEVICE)
+    _, indices = bank_topk(query, bank, 12, backend=backend)
+    for row, q in zip(indices.cpu(), [1, 3, 0], strict=True):
+        matches = (pattern == q).nonzero().flatten().tolist()
+        assert row[: len(matches)].tolist() == matches[:12]
+
+
+def test_memory_bank_input_and_k_validation():
+    bank = MemoryBank(20, 8, init="empty", dtype=torch.float32)
+    bank.enqueue(torch.randn(6, 8))
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 6\]"):
+        bank_topk(torch.randn(2, 8), bank, 7)
+    with pytest.raises(ValueError, match="k must be"):
+        bank_topk(torch.randn(2, 8), bank, 0)
+    values, indices = bank_topk(torch.randn(2, 8), bank, 6)
+    assert sorted(indices[0].tolist()) == list(range(6))  # only valid rows are searched
+
+
+def test_streaming_chunks_equal_reference_on_large_random_bank():
+    g = torch.Generator().manual_seed(1)
+    query = torch.randn(16, 32, generator=g)
+    bank = F.normalize(torch.randn(5000, 32, generator=g), dim=1)
+    v_ref, i_ref = bank_topk(query, bank, 10, backend="reference")
+    v_str, i_str = topk_module.bank_topk_streaming(F.normalize(query, dim=1), bank, 10, chunk_size=777)
+    assert torch.equal(i_ref, i_str)
+    torch.testing.assert_close(v_ref, v_str)

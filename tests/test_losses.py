@@ -1,0 +1,98 @@
+"""Loss modules: each equals its functional form on the bank as it was, and enqueues in the official order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastssl import MemoryBank
+from fastssl.functional import byol_loss, isd_loss, moco_loss, msf_loss, nnclr_loss, ressl_loss
+from fastssl.losses import BYOLLoss, ISDLoss, MoCoLoss, MSFLoss, NNCLRLoss, ReSSLLoss
+
+
+def batch(seed, n=6, d=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, requires_grad=True), torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize(
+    "module_cls,functional,enqueued",
+    [(ISDLoss, isd_loss, 1), (MoCoLoss, moco_loss, 1), (NNCLRLoss, nnclr_loss, 0)],
+    ids=["isd-teacher", "moco-key", "nnclr-query"],
+)
+def test_loss_then_enqueue(module_cls, functional, enqueued):
+    torch.manual_seed(0)
+    module = module_cls(16, 40, bank_dtype=torch.float32)
+    for step in range(3):
+        student, teacher = batch(step)
+        teacher.requires_grad_()  # NNCLR's gradient flows to its second input; the others detach it
+        bank_before = module.bank.keys.clone()
+        loss = module(student, teacher)
+        torch.testing.assert_close(loss, functional(student, teacher, bank_before))
+        ptr = (6 * step) % 40
+        written = (student, teacher)[enqueued].detach()
+        torch.testing.assert_close(module.bank.queue[ptr : ptr + 6], F.normalize(written, dim=1))
+        loss.backward()  # the in-place enqueue does not break backward
+
+
+def test_eval_mode_does_not_enqueue():
+    module = ISDLoss(16, 40).eval()
+    before = module.bank.queue.clone()
+    module(*batch(0))
+    assert torch.equal(module.bank.queue, before)
+
+
+def test_msf_enqueues_before_search_and_records_purity():
+    module = MSFLoss(16, 30, k=1, bank_dtype=torch.float32, store_labels=True)
+    query, target = batch(1)
+    labels = torch.arange(6)
+    loss = module(query, target, labels)
+    torch.testing.assert_close(loss, byol_loss(query, target))  # k=1 finds the target itself
+    assert module.last_purity.item() == 1.0  # its own label
+    module.k = 3
+    query, target = batch(2)
+    bank_after = module.bank.keys.clone()
+    bank_after[6:12] = F.normalize(target, dim=1)
+    torch.testing.assert_close(module(query, target), msf_loss(query, target, bank_after, 3))
+
+
+def test_ressl_warmup_mixes_infonce_and_relation():
+    torch.manual_seed(3)
+    module = ReSSLLoss(16, 50, warmup_steps=4, bank_dtype=torch.float32)
+    for step in range(6):
+        student, teacher = batch(10 + step)
+        bank_before = module.bank.keys.clone()
+        alpha = min(step / 4, 1.0)
+        expected = alpha * ressl_loss(student, teacher, bank_before) + (1 - alpha) * moco_loss(
+            student, teacher, bank_before
+        )
+        torch.testing.assert_close(module(student, teacher), expected)
+    assert int(module.step) == 6
+    assert "step" in module.state_dict() and "bank.queue" in module.state_dict()
+
+
+def test_byol_module():
+    online, target = batch(4)
+    assert torch.equal(BYOLLoss()(online, target), byol_loss(online, target))
+
+
+def test_module_accepts_a_shared_bank():
+    bank = MemoryBank(20, 16)
+    module = MoCoLoss(bank=bank)
+    assert module.bank is bank
+    with pytest.raises(ValueError, match="dim"):
+        MoCoLoss(8, bank=bank)
+    with pytest.raises(ValueError, match="either dim"):
+        MoCoLoss()
+
+
+def test_nnclr_closed_form():
+    """Support set = the queries themselves: NN(z) = z, so the loss is plain InfoNCE between z and p."""
+    torch.manual_seed(5)
+    z, p = torch.randn(5, 8), torch.randn(5, 8, requires_grad=True)
+    loss = nnclr_loss(z, p, F.normalize(z, dim=1), tau=0.1)
+    logits = F.normalize(z, dim=1) @ F.normalize(p, dim=1).T / 0.1
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.arange(5)))
+    (g,) = torch.autograd.grad(loss, p)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
