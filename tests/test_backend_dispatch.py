@@ -58,3 +58,21 @@ def test_compiled_training_step_matches_eager(loss_fn):
     compiled = torch.compile(step, backend="aot_eager", fullgraph=False)(x)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(head.weight.grad, eager_grad)
+
+
+def test_auto_falls_back_to_streaming_where_the_kernels_do_not_serve(monkeypatch):
+    from fastssl.ops import backend as b
+
+    monkeypatch.setattr(b, "triton_available", lambda: True)
+
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    wide_fp32 = torch.zeros(4, 256).as_subclass(FakeCuda)
+    narrow_fp16 = torch.zeros(4, 256, dtype=torch.float16).as_subclass(FakeCuda)
+    assert not b.triton_serves(wide_fp32) and b.triton_serves(narrow_fp16)
+    assert not b.triton_serves(narrow_fp16, k=257) and b.triton_serves(narrow_fp16, k=256)
+    assert resolve_backend("auto", narrow_fp16, triton_ok=b.triton_serves(narrow_fp16)) == "triton"
+    assert resolve_backend("auto", wide_fp32, triton_ok=b.triton_serves(wide_fp32)) == "streaming"

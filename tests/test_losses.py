@@ -96,3 +96,26 @@ def test_nnclr_closed_form():
     torch.testing.assert_close(loss, F.cross_entropy(logits, torch.arange(5)))
     (g,) = torch.autograd.grad(loss, p)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_ressl_multicrop_averages_crops_and_enqueues_once():
+    torch.manual_seed(6)
+    module = ReSSLLoss(16, 50, bank_dtype=torch.float32)
+    crops = [batch(20 + i)[0] for i in range(3)]
+    teacher = batch(30)[1]
+    bank_before = module.bank.keys.clone()
+    loss = module(crops, teacher)
+    expected = sum(ressl_loss(c, teacher, bank_before) for c in crops) / 3
+    torch.testing.assert_close(loss, expected)
+    assert int(module.bank.ptr) == 6 and int(module.step) == 1
+
+
+def test_nnclr_symmetric_enqueues_the_first_view_once():
+    torch.manual_seed(7)
+    module = NNCLRLoss(16, 40, bank_dtype=torch.float32)
+    (z1, p2), (z2, p1) = batch(40), batch(41)
+    support = module.bank.keys.clone()
+    loss = module(z1, p2, z2, p1)
+    torch.testing.assert_close(loss, nnclr_loss(z1, p2, support) + nnclr_loss(z2, p1, support))
+    assert int(module.bank.ptr) == 6
+    torch.testing.assert_close(module.bank.queue[:6], F.normalize(z1.detach(), dim=1))

@@ -67,26 +67,29 @@ def test_matches_fp64_oracle(backend, n, k, d, dtype, bank_dtype, tau_s, tau_t, 
     assert loss.dtype == torch.float32
     rows = oracle(s.detach(), t, bank, tau_s, tau_t, kl)
     expected = rows.mean() if reduction == "mean" else rows
-    # fp16 inputs are rounded before the op; the oracle sees the same rounded values, so only fp32 accumulation
-    # error remains, amplified by 1/τ_t on the teacher side.
-    torch.testing.assert_close(loss.double(), expected.to(loss.device), rtol=2e-4, atol=2e-4 / tau_t * 0.01 + 1e-5)
+    n = rows.numel()
+    # Only fp32 accumulation error remains for the streaming backend. The Triton kernel also rounds the softmax
+    # weights P to the bank's 16-bit dtype for the P·B tensor-core dot (as FlashAttention does; documented in
+    # fastssl.kernels.bank_softmax_stats): relative error u = 2⁻¹¹ per weight moves μ by at most u (unit rows), hence
+    # the loss by u/τ_s (+ u/τ_t for the entropy term of the KL) and each gradient row by 2u/τ_s.
+    u = 2.0**-11 if backend == "triton" and bank_dtype == torch.float16 else 0.0
+    loss_atol = 1e-5 + 2e-6 / tau_t + u * (1 / tau_s + (1 / tau_t if kl else 0.0))
+    torch.testing.assert_close(loss.double().cpu(), expected, rtol=2e-4, atol=loss_atol)
     # gradient with a grad_output that is not 1
-    grad_out = (
-        torch.linspace(0.5, 2.0, rows.numel(), dtype=torch.float64).reshape(rows.shape)
-        if reduction == "none"
-        else torch.tensor(1.7, dtype=torch.float64)
-    )
+    if reduction == "none":
+        grad_out = torch.linspace(0.5, 2.0, n, dtype=torch.float64).reshape(rows.shape)
+    else:
+        grad_out = torch.tensor(1.7, dtype=torch.float64)
     (g,) = torch.autograd.grad(loss, s, grad_out.to(loss.device, loss.dtype))
     s64 = s.detach().double().cpu().requires_grad_()
     rows64 = oracle(s64, t, bank, tau_s, tau_t, kl)
     (g64,) = torch.autograd.grad(rows64.mean() if reduction == "mean" else rows64, s64, grad_out)
     assert g.dtype == s.dtype
-    torch.testing.assert_close(
-        g.double(),
-        g64.to(g.device),
-        rtol=2e-3 if dtype == torch.float16 else 2e-4,
-        atol=2e-3 if dtype == torch.float16 else 2e-5,
-    )
+    # The normalization's Jacobian has norm 1/‖s‖ ≤ 1 here, so the μ error bound carries over to the input gradient.
+    grad_scale = float(grad_out.abs().max()) / (n if reduction == "mean" else 1)
+    grad_atol = (2e-3 if dtype == torch.float16 else 2e-5) + 2 * u / tau_s * grad_scale
+    rtol = 2e-3 if dtype == torch.float16 else 2e-4
+    torch.testing.assert_close(g.double().cpu(), g64, rtol=rtol, atol=grad_atol)
 
 
 @pytest.mark.parametrize("backend", ["reference", *STATS_BACKENDS])

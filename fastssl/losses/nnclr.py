@@ -22,7 +22,8 @@ class NNCLRLoss(nn.Module):
         backend: top-k backend.
 
     Shape:
-        query (projections of view 1), positive (predictions of view 2): (N, D) → scalar.
+        query (projections z₁ of view 1), positive (predictions p₂ of view 2): (N, D) → scalar. For the symmetric
+        loss also pass ``query2`` (z₂) and ``positive2`` (p₁); only z₁ is enqueued, once.
     """
 
     def __init__(
@@ -39,8 +40,18 @@ class NNCLRLoss(nn.Module):
         self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=False)
         self.tau, self.backend = tau, backend
 
-    def forward(self, query: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        positive: torch.Tensor,
+        query2: torch.Tensor | None = None,
+        positive2: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         loss = nnclr_loss(query, positive, self.bank, self.tau, backend=self.backend)
+        if (query2 is None) != (positive2 is None):
+            raise ValueError("pass both query2 and positive2 for the symmetric loss, or neither")
+        if query2 is not None:
+            loss = loss + nnclr_loss(query2, positive2, self.bank, self.tau, backend=self.backend)
         if self.training:
             self.bank.enqueue(query.detach())
         return loss

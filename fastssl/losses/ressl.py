@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -29,7 +31,8 @@ class ReSSLLoss(nn.Module):
         backend: loss backend.
 
     Shape:
-        student, teacher: (N, D) → scalar. ``step`` defaults to an internal counter advanced by each training call
+        student: (N, D), or a list of (N, D) for multi-crop (each crop against the one weak-view target; the loss is
+        their mean); teacher: (N, D) → scalar. ``step`` defaults to an internal counter advanced by each training call
         (a persistent buffer, so it resumes with the state_dict).
     """
 
@@ -58,15 +61,22 @@ class ReSSLLoss(nn.Module):
         """Weight of the relation loss at ``step``: step / warmup_steps, clipped to [0, 1]."""
         return 1.0 if self.warmup_steps == 0 else min(max(step / self.warmup_steps, 0.0), 1.0)
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, step: int | None = None) -> torch.Tensor:
+    def forward(
+        self, student: torch.Tensor | Sequence[torch.Tensor], teacher: torch.Tensor, step: int | None = None
+    ) -> torch.Tensor:
         alpha = self.alpha(int(self.step) if step is None else step)
-        loss = student.new_zeros((), dtype=torch.float64 if student.dtype == torch.float64 else torch.float32)
-        if alpha > 0:
-            relation = ressl_loss(student, teacher, self.bank, self.tau_student, self.tau_teacher, backend=self.backend)
-            loss = loss + alpha * relation
-        if alpha < 1:
-            infonce = moco_loss(student, teacher, self.bank, self.tau_infonce, backend=self.backend)
-            loss = loss + (1 - alpha) * infonce
+        crops = [student] if isinstance(student, torch.Tensor) else list(student)
+        loss = 0.0
+        for crop in crops:
+            if alpha > 0:
+                relation = ressl_loss(
+                    crop, teacher, self.bank, self.tau_student, self.tau_teacher, backend=self.backend
+                )
+                loss = loss + alpha * relation
+            if alpha < 1:
+                infonce = moco_loss(crop, teacher, self.bank, self.tau_infonce, backend=self.backend)
+                loss = loss + (1 - alpha) * infonce
+        loss = loss / len(crops)
         if self.training:
             self.bank.enqueue(teacher.detach())
             self.step += 1

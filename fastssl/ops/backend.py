@@ -29,12 +29,27 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+# What the kernels serve (fastssl.kernels raise outside it): D ≤ 512, fp32 banks only up to D = 128 (wider fp32 tiles
+# spill registers), top-k k ≤ 256. "auto" falls back to the streaming backend outside these limits.
+TRITON_MAX_DIM = 512
+TRITON_MAX_DIM_FP32_BANK = 128
+TRITON_MAX_K = 256
+
+
+def triton_serves(bank: torch.Tensor, *, k: int | None = None) -> bool:
+    """Whether the Triton kernels handle a bank of this dtype and width (and this k, for top-k)."""
+    dim = bank.shape[-1]
+    max_dim = TRITON_MAX_DIM_FP32_BANK if bank.dtype == torch.float32 else TRITON_MAX_DIM
+    return dim <= max_dim and (k is None or k <= TRITON_MAX_K)
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor, triton_ok: bool = True) -> str:
     """Turns a user's ``backend`` argument into the concrete backend for these tensors.
 
     Args:
         backend: one of ``"auto"``, ``"reference"``, ``"streaming"``, ``"triton"``.
         *tensors: the op's tensor inputs; they decide the device.
+        triton_ok: whether the kernels serve this call (:func:`triton_serves`); "auto" needs it to pick Triton.
 
     Returns:
         ``"reference"``, ``"streaming"`` or ``"triton"``.
@@ -47,7 +62,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = any(t.is_cuda for t in tensors)
     if backend == "auto":
-        return "triton" if on_cuda and triton_available() else "streaming"
+        return "triton" if on_cuda and triton_ok and triton_available() else "streaming"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError('backend="triton" needs the triton package: pip install -e ".[triton]"')

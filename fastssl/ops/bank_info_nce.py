@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastssl.ops.backend import accumulation_dtype, resolve_backend
+from fastssl.ops.backend import accumulation_dtype, resolve_backend, triton_serves
 from fastssl.ops.bank_softmax_stats import bank_softmax_stats
 from fastssl.ops.reduction import reduce_rows
 
@@ -82,7 +82,7 @@ def bank_info_nce(
     Returns:
         Scalar (or (N,)) in fp32 (fp64 for fp64 inputs).
     """
-    backend = resolve_backend(backend, query, key, bank)
+    backend = resolve_backend(backend, query, key, bank, triton_ok=triton_serves(bank))
     if backend == "reference":
         return bank_info_nce_reference(query, key, bank, tau, reduction=reduction)
     return BankInfoNCEFunction.apply(query, key.detach(), bank.detach(), tau, reduction, backend)

@@ -104,7 +104,8 @@ def bank_softmax_stats(
     """Per-row LSE and μ against the bank, by the streaming or Triton backend (module docstring for the math).
 
     Registered as the torch.library op ``fastssl::bank_softmax_stats`` so that ``torch.compile`` treats it as one
-    opaque node. No autograd: callers build the gradient from μ (see the loss ops).
+    opaque node; eager calls skip the dispatcher (its first use imports the compiler stack, ~170 MB). No autograd:
+    callers build the gradient from μ (see the loss ops).
 
     Args:
         x: (R, D) query rows.
@@ -118,4 +119,8 @@ def bank_softmax_stats(
     """
     if backend not in ("streaming", "triton"):
         raise ValueError(f"bank_softmax_stats runs the streaming or triton backend, got {backend!r}")
-    return _bank_softmax_stats_op(x, inv_tau, bank, pos, backend)
+    if torch.compiler.is_compiling():
+        return _bank_softmax_stats_op(x, inv_tau, bank, pos, backend)
+    if backend == "triton":
+        return bank_softmax_stats_triton(x, inv_tau, bank, pos)
+    return bank_softmax_stats_streaming(x, inv_tau, bank, pos)

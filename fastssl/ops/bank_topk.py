@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fastssl.ops.backend import accumulation_dtype, resolve_backend
+from fastssl.ops.backend import accumulation_dtype, resolve_backend, triton_serves
 
 DEFAULT_CHUNK = 16384
 
@@ -81,7 +81,7 @@ def bank_topk(
         values: (N, k) similarities, descending, fp32 (fp64 for fp64 inputs).
         indices: (N, k) int64 bank indices; equal values are ordered by lower index first.
     """
-    backend = resolve_backend(backend, query, bank)
+    backend = resolve_backend(backend, query, bank, triton_ok=triton_serves(bank, k=k))
     with torch.no_grad():
         if backend == "reference":
             return bank_topk_reference(query, bank, k)
@@ -89,4 +89,4 @@ def bank_topk(
             return bank_topk_streaming(query, bank, k)
         from fastssl.kernels.bank_topk import bank_topk as launch
 
-        return launch(query.contiguous(), bank.contiguous(), k)
+        return launch(query.contiguous(), bank if bank.stride(-1) == 1 else bank.contiguous(), k)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastssl.ops.backend import accumulation_dtype, resolve_backend
+from fastssl.ops.backend import accumulation_dtype, resolve_backend, triton_serves
 from fastssl.ops.bank_softmax_stats import bank_softmax_stats
 from fastssl.ops.reduction import reduce_rows
 
@@ -119,7 +119,7 @@ def soft_bank_cross_entropy(
     Returns:
         Scalar (or (N,) for ``"none"``) in fp32 (fp64 for fp64 inputs).
     """
-    backend = resolve_backend(backend, student, teacher, bank)
+    backend = resolve_backend(backend, student, teacher, bank, triton_ok=triton_serves(bank))
     if backend == "reference":
         return soft_bank_cross_entropy_reference(
             student, teacher, bank, tau_student, tau_teacher, kl=kl, reduction=reduction

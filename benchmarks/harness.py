@@ -1,0 +1,427 @@
+"""Shared benchmark harness: environment capture, timing, memory, and result files.
+
+Every benchmark script in ``benchmarks/`` imports this module (``from harness import ...`` when run as a script from
+the ``benchmarks/`` folder, or ``benchmarks.harness`` from the repository root) and writes its results through
+:func:`write_results`, so all results share one layout::
+
+    benchmarks/results/<sanitized device name>/<stem>.json   environment + rows
+    benchmarks/results/<sanitized device name>/<stem>.md     the same rows as a markdown table
+    benchmarks/results/<sanitized device name>/<stem>.png    optional plot
+
+Timing uses ``triton.testing.do_bench`` on CUDA (it flushes L2 between repetitions and returns the median) and a
+``time.perf_counter`` median on CPU. Memory is the CUDA ``max_memory_allocated`` delta on GPU; on CPU, whole-process
+peak RSS is measured in a subprocess (:func:`subprocess_peak_rss_mb`), because RSS of the benchmarking process itself
+only ever grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Datasheet numbers of the H100 SXM used for "% of the one-pass floor" in every table.
+H100_FP16_DENSE_TFLOPS = 989.0
+H100_HBM_TBPS = 3.35
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+# --smoke runs write here by default (git-ignored): tiny CPU shapes are no result worth keeping.
+SMOKE_DIR = RESULTS_ROOT / "local" / "smoke"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """Human-readable name of the benchmarked device (GPU name on CUDA, CPU model otherwise)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return _cpu_name()
+
+
+def environment(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Describe the machine and software a result was measured with.
+
+    Returns:
+        dict with ``device``, ``torch``, ``triton`` (None if not importable), ``python``, ``date`` (ISO 8601, UTC),
+        ``cpu``, and on CUDA ``cuda`` and ``capability``.
+    """
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except ImportError:
+        triton_version = None
+    env: dict[str, Any] = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_name(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+    }
+    dev = torch.device(device) if device is not None else None
+    if torch.cuda.is_available() and (dev is None or dev.type == "cuda"):
+        env["cuda"] = torch.version.cuda
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    return env
+
+
+def sanitize(name: str) -> str:
+    """File-system-safe, lower-case device name (``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``)."""
+    s = re.sub(r"\(r\)|\(tm\)", "", name.lower())
+    s = re.sub(r"[^a-z0-9.]+", "-", s).strip("-.")
+    return s or "unknown"
+
+
+def results_dir(device_name: str) -> Path:
+    """``benchmarks/results/<sanitized device>/`` (created)."""
+    path = RESULTS_ROOT / sanitize(device_name)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        if v == 0:
+            return "0"
+        if abs(v) >= 1000 or abs(v) < 0.01:
+            return f"{v:.3g}"
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows as a GitHub markdown table; columns are the union of keys in first-seen order."""
+    cols: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in cols:
+                cols.append(key)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (torch.dtype, torch.device, Path)):
+        return str(v)
+    return v
+
+
+def write_results(
+    stem: str,
+    rows: list[dict[str, Any]],
+    *,
+    title: str,
+    plot: Callable[[list[dict[str, Any]]], Any] | None = None,
+    out_dir: Path | str | None = None,
+    env: dict[str, Any] | None = None,
+    notes: str | None = None,
+) -> dict[str, Path]:
+    """Write ``<stem>.json`` (environment + rows), ``<stem>.md`` and, if ``plot`` is given, ``<stem>.png``.
+
+    Args:
+        stem: file stem, the benchmarked op's stem (``bank_topk``).
+        rows: one dict per measurement; values JSON-serialisable (NaN/inf are written as null).
+        title: heading of the markdown file.
+        plot: callable taking ``rows`` and returning a matplotlib Figure; it is only called if matplotlib imports.
+        out_dir: target folder; defaults to :func:`results_dir` of the current device.
+        env: environment dict; defaults to :func:`environment`.
+        notes: free text appended below the table (targets, analysis).
+
+    Returns:
+        dict mapping ``json``/``md``/``png`` to the written paths.
+    """
+    env = env if env is not None else environment()
+    out = Path(out_dir) if out_dir is not None else results_dir(env["device"])
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+
+    payload = {"title": title, "environment": env, "rows": rows, "notes": notes}
+    paths["json"] = out / f"{stem}.json"
+    paths["json"].write_text(json.dumps(_jsonable(payload), indent=2) + "\n", encoding="utf-8")
+
+    env_line = ", ".join(f"{k}={v}" for k, v in env.items())
+    md = [f"# {title}", "", f"Environment: {env_line}", "", markdown_table(rows), ""]
+    if notes:
+        md += [notes, ""]
+    paths["md"] = out / f"{stem}.md"
+    paths["md"].write_text("\n".join(md), encoding="utf-8")
+
+    if plot is not None and rows:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # plots are optional; the tables are the record
+            return paths
+        fig = plot(rows)
+        if fig is not None:
+            paths["png"] = out / f"{stem}.png"
+            fig.savefig(paths["png"], dpi=120, bbox_inches="tight")
+            plt.close(fig)
+    return paths
+
+
+def _sync(device_type: str) -> None:
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(
+    fn: Callable[[], Any], *, warmup: float = 25.0, rep: float = 100.0, device: str | None = None, min_calls: int = 3
+) -> float:
+    """Median wall time of ``fn()`` in milliseconds.
+
+    Args:
+        fn: the callable to time (no arguments).
+        warmup: warm-up budget in ms (at least one call).
+        rep: measurement budget in ms (at least ``min_calls`` calls on CPU).
+        device: ``"cuda"`` or ``"cpu"``; defaults to cuda when available.
+
+    On CUDA this is ``triton.testing.do_bench(fn, warmup, rep, return_mode="median")`` which flushes L2 between
+    calls, so a bank that fits in L2 is not measured hot.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=int(warmup), rep=int(rep), return_mode="median"))
+    t_end = time.perf_counter() + warmup / 1e3
+    while time.perf_counter() < t_end:
+        fn()
+    times: list[float] = []
+    t_end = time.perf_counter() + rep / 1e3
+    while len(times) < min_calls or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 1000:
+            break
+    return float(statistics.median(times))
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: str | None = None) -> float | None:
+    """Extra CUDA memory (MB, 2**20 bytes) allocated at peak while running ``fn()``, above what was allocated before.
+
+    Returns None on CPU (use :func:`subprocess_peak_rss_mb` there).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def subprocess_peak_rss_mb(
+    argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600.0
+) -> tuple[float, str]:
+    """Run ``argv`` in a child process and return (its peak RSS in MB, its stdout).
+
+    The child's own ``ru_maxrss`` is read with ``os.wait4`` on its pid, so other children of this process do not
+    pollute the number (``RUSAGE_CHILDREN`` would report the maximum over all of them).
+
+    Raises:
+        RuntimeError: the child failed; the message carries its stderr.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=env)
+        t_end = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            if time.monotonic() > t_end:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise RuntimeError(f"{argv!r} timed out after {timeout} s")
+            time.sleep(0.02)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv!r} exited {proc.returncode}:\n{err.read().decode(errors='replace')[-4000:]}")
+    # Linux reports ru_maxrss in KiB (macOS in bytes).
+    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 2**10
+    return usage.ru_maxrss * scale, stdout
+
+
+def one_pass_floor_ms(n: int, k: int, d: int, bank_bytes: int, passes: int = 1) -> float:
+    """H100 lower bound (ms) for ``passes`` fused passes over a (k, d) bank with n queries.
+
+    Each pass is 2 matmul-sized products (logits, then V = bank): 4·n·k·d FLOPs; forward + backward of the losses
+    stacks student and teacher rows, hence the issue's 8·N·K·D. The floor is the larger of compute time at
+    :data:`H100_FP16_DENSE_TFLOPS` and one read of the bank at :data:`H100_HBM_TBPS`.
+    """
+    flops = 4.0 * n * k * d * passes
+    compute = flops / (H100_FP16_DENSE_TFLOPS * 1e12)
+    memory = bank_bytes / (H100_HBM_TBPS * 1e12)
+    return max(compute, memory) * 1e3
+
+
+def add_roofline(row: dict[str, Any], *, flops: float, bank_bytes: float) -> dict[str, Any]:
+    """Add achieved TFLOP/s, bank GB/s and % of the H100 one-pass floor to a row holding ``ms``.
+
+    ``flops`` is the op's useful one-pass work (e.g. 8·N·K·D for the two-sided soft cross-entropy) and
+    ``bank_bytes`` one read of the bank; the floor is the larger of both at datasheet peak.
+    """
+    ms = row.get("ms")
+    floor = max(flops / (H100_FP16_DENSE_TFLOPS * 1e12), bank_bytes / (H100_HBM_TBPS * 1e12)) * 1e3
+    row["floor_ms"] = floor
+    if ms is None or not ms > 0:
+        row.update(tflops=None, gbps=None, pct_floor=None)
+        return row
+    row["tflops"] = flops / (ms * 1e-3) / 1e12
+    row["gbps"] = bank_bytes / (ms * 1e-3) / 1e9
+    row["pct_floor"] = 100.0 * floor / ms
+    return row
+
+
+def add_speedups(
+    rows: list[dict[str, Any]], *, of: str = "triton", keys: Sequence[str] = ("mode", "N", "K", "D")
+) -> None:
+    """Set ``<of>_speedup`` = this row's ms / the ``of`` provider's ms of the same shape, on every row."""
+    best = {tuple(r[k] for k in keys): r["ms"] for r in rows if r["provider"] == of and r.get("ms")}
+    for r in rows:
+        base = best.get(tuple(r[k] for k in keys))
+        r[f"{of}_speedup"] = r["ms"] / base if base and r.get("ms") else None
+
+
+def check_targets(rows: list[dict[str, Any]], targets: list[dict[str, Any]], *, provider: str = "triton") -> str:
+    """Markdown lines saying which performance targets ``provider`` met, by how much, and what bounds it.
+
+    Each target dict has the shape keys (``mode``, ``N``, ``K``, ``D``) and any of ``max_ms``, ``max_peak_mb``,
+    ``min_speedup`` ({other provider: factor}). Utilisation of compute (TFLOP/s vs 989) and bandwidth (GB/s vs 3350)
+    names the resource closest to its peak; when both are low the kernel is latency/occupancy or exp-throughput bound.
+    """
+    lines = []
+    for t in targets:
+        shape = {k: t[k] for k in ("mode", "N", "K", "D") if k in t}
+        label = ", ".join(f"{k}={v}" for k, v in shape.items())
+        mine = next(
+            (r for r in rows if r["provider"] == provider and all(r.get(k) == v for k, v in shape.items())), None
+        )
+        if mine is None or not mine.get("ms"):
+            lines.append(f"- {label}: {provider} not measured")
+            continue
+        checks = []
+        if "max_ms" in t:
+            ratio = mine["ms"] / t["max_ms"]
+            verdict = "met" if ratio <= 1 else f"missed by {ratio:.2f}x"
+            checks.append(f"{mine['ms']:.3f} ms vs ≤ {t['max_ms']} ms: {verdict}")
+        if "max_peak_mb" in t and mine.get("peak_mb") is not None:
+            ok = mine["peak_mb"] <= t["max_peak_mb"]
+            checks.append(
+                f"extra memory {mine['peak_mb']:.1f} MB vs ≤ {t['max_peak_mb']} MB: {'met' if ok else 'missed'}"
+            )
+        for other, factor in t.get("min_speedup", {}).items():
+            ref = next(
+                (r for r in rows if r["provider"] == other and all(r.get(k) == v for k, v in shape.items())), None
+            )
+            if ref is None or not ref.get("ms"):
+                checks.append(f"vs {other}: not measured")
+                continue
+            speedup = ref["ms"] / mine["ms"]
+            checks.append(f"{speedup:.1f}x vs {other} (target ≥ {factor}x): {'met' if speedup >= factor else 'missed'}")
+        compute = (mine.get("tflops") or 0) / H100_FP16_DENSE_TFLOPS
+        memory = (mine.get("gbps") or 0) / (H100_HBM_TBPS * 1e3)
+        bound = "compute" if compute >= memory else "memory bandwidth"
+        if max(compute, memory) < 0.5:
+            bound += " (both under 50%: latency, occupancy or exp throughput)"
+        checks.append(
+            f"{100 * compute:.0f}% of peak TFLOP/s, {100 * memory:.0f}% of peak HBM bandwidth; closest: {bound}"
+        )
+        lines.append(f"- {label}: " + "; ".join(checks))
+    return "\n".join(lines)
+
+
+def plot_providers(rows: list[dict[str, Any]], title: str) -> Any:
+    """Grouped bars of median ms per provider for every (mode, shape), log scale, one panel per mode."""
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(len(modes), 1, figsize=(12, 3.8 * len(modes)), squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes, strict=True):
+        mode_rows = [r for r in rows if r["mode"] == mode]
+        shapes = list(dict.fromkeys((r["N"], r["K"], r["D"]) for r in mode_rows))
+        width = 0.8 / max(1, len(providers))
+        for i, provider in enumerate(providers):
+            ms = {(r["N"], r["K"], r["D"]): r.get("ms") for r in mode_rows if r["provider"] == provider}
+            xs = [j + i * width for j, s in enumerate(shapes) if ms.get(s)]
+            ax.bar(xs, [ms[s] for s in shapes if ms.get(s)], width, label=provider)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
+        ax.set_xticklabels([f"N={n}\nK={k}\nD={d}" for n, k, d in shapes], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms")
+        ax.set_title(f"{title} ({mode})")
+        ax.legend(fontsize=7, ncol=min(6, len(providers)))
+    fig.tight_layout()
+    return fig
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Common command line of every benchmark script."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in seconds; checks every provider")
+    p.add_argument("--out-dir", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--warmup", type=float, default=25.0, help="warm-up budget per measurement, ms")
+    p.add_argument("--rep", type=float, default=100.0, help="measurement budget per measurement, ms")
+    return p
+
+
+def add_matrix_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of the provider × shape matrix benchmarks of the bank ops."""
+    p.add_argument("--shapes", choices=("full", "targets"), default="full", help="full matrix or the issue's targets")
+    p.add_argument("--providers", default=None, help="comma-separated subset of providers (default: all)")
+    p.add_argument(
+        "--compile-targets-only",
+        action="store_true",
+        help="measure torch.compile only on the target shapes (it recompiles for every shape, tens of seconds each)",
+    )
+    return p

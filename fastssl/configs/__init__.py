@@ -1,0 +1,1 @@
+"""Shipped training recipes (YAML), loaded by name with ``fastssl train --config NAME``."""

@@ -1,0 +1,1 @@
+"""fastssl.train: recipes, trainer and the ``fastssl train`` command."""

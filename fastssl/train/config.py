@@ -1,0 +1,326 @@
+"""Training configuration: typed sections, shipped recipes (YAML), ``key=value`` overrides, validation up front.
+
+Every key is a dataclass field, so an unknown key, a wrong type or an out-of-range value fails before any data is
+read or any model is built, with the dotted key named in the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("mocov2", "isd", "msf", "ressl", "sdssl", "byol", "nnclr")
+DATASETS = ("digits", "imagefolder", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before training starts; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # digits | imagefolder | synthetic
+    path: str | None = None  # ImageFolder root (imagefolder), output folder (synthetic)
+    views: str | list[str] = "digits_pair"  # a multi-view recipe name or a list of view presets (teacher view first)
+    batch_size: int = 256  # per rank
+    backend: str = "auto"  # auto | dali | torchvision
+    num_workers: int | None = 0
+    eval_path: str | None = None  # ImageFolder root for the kNN monitor's test split (imagefolder)
+    unbalanced_large: int | None = None  # ISD Table 4: this many classes keep all their images ...
+    unbalanced_cap: int | None = None  # ... the others are capped at this many images per class
+    channels_last: bool = False
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "digits_cnn"  # digits_cnn | resnet18 | resnet50 | vit_tiny_digits | vit_small_patch16_224 | ...
+    cifar_stem: bool = False  # 3x3 stride-1 first conv, no max-pool (CIFAR-size ResNets)
+    projector: list[int] = field(default_factory=lambda: [512, 128])  # hidden..., out; [] = no projector
+    projector_bn: bool = True
+    predictor: list[int] = field(default_factory=list)  # hidden..., out; [] = no predictor
+    predictor_bn: bool = True
+    sync_bn: bool = False
+    compile: bool = False  # torch.compile the backbone
+
+
+@dataclass
+class MethodConfig:
+    name: str = "mocov2"
+    bank_size: int = 4096
+    bank_dtype: str = "float16"
+    tau: float = 0.2  # InfoNCE temperature (MoCo, NNCLR, ReSSL warm-up, SDSSL)
+    tau_student: float = 0.1  # ISD / ReSSL
+    tau_teacher: float = 0.01  # ISD 0.01, ReSSL 0.04
+    k: int = 5  # MSF neighbours
+    warmup_steps: int = 0  # ReSSL InfoNCE warm-up, in steps ...
+    warmup_epochs: float = 0.0  # ... plus this many epochs
+    momentum: float = 0.99  # teacher EMA momentum m
+    momentum_schedule: str = "constant"  # constant | cosine (m -> 1)
+    symmetric: bool = False  # also swap the views (BYOL, SDSSL, NNCLR)
+    sdssl_ratio: float = 1.0  # final α of the SDSSL cosine schedule
+    sdssl_base: str = "mocov3"  # mocov3 | byol
+    loss_backend: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | lars | adamw
+    lr: float = 0.06  # at base_batch; scaled linearly with the global batch
+    base_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    exclude_bn_bias: bool = False  # no weight decay (and no LARS adaptation) on BN and bias parameters
+    warmup_steps: int = 0  # linear lr warm-up, in steps ...
+    warmup_epochs: float = 0.0  # ... plus this many epochs
+    schedule: str = "cosine"  # cosine | step | constant
+    milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])  # step schedule, fractions of training
+    gamma: float = 0.2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # adamw
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps in total
+    time_budget_s: float | None = None  # stop (and checkpoint) once training has used this many seconds
+    stop_at_step: int | None = None  # stop (and checkpoint) at this global step; the schedule still spans the run
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "none"  # none | bf16 | fp16
+    threads: int | None = None  # torch intra-op threads on CPU
+    checkpoint_every: int = 0  # steps; 0 = only at epoch end and at the end
+    keep_last: int = 2
+    resume: str | None = None  # auto | PATH
+    log_every: int = 10
+    knn_monitor: bool = True  # kNN accuracy of the backbones before and after training (and every knn_every steps)
+    knn_every: int = 0  # steps between kNN monitor evaluations; 0 = before and after training only
+    knn_k: int = 20
+    knn_teacher: bool = True
+    plot: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.dataset": DATASETS,
+    "data.backend": ("auto", "dali", "torchvision"),
+    "method.name": METHODS,
+    "method.bank_dtype": ("float16", "bfloat16", "float32"),
+    "method.momentum_schedule": ("constant", "cosine"),
+    "method.sdssl_base": ("mocov3", "byol"),
+    "method.loss_backend": ("auto", "reference", "streaming", "triton"),
+    "optim.name": ("sgd", "lars", "adamw"),
+    "optim.schedule": ("cosine", "step", "constant"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.amp": ("none", "bf16", "fp16"),
+}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Converts ``value`` (from YAML or a command-line string) to the field's type, or raises ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        looks_like_list = isinstance(value, list | tuple) or (isinstance(value, str) and value.strip().startswith("["))
+        args = sorted(args, key=lambda a: typing.get_origin(a) is not list) if looks_like_list else args
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be None")
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if annotation is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _section_types(section: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section))
+
+
+def set_key(config: TrainConfig, dotted: str, value: Any) -> None:
+    """Sets ``section.key`` from a YAML or command-line value, naming the key on any error."""
+    parts = dotted.split(".")
+    if len(parts) != 2 or parts[0] not in _section_types(config):
+        sections = ", ".join(_section_types(config))
+        raise ConfigError(f"unknown key {dotted!r}: keys look like SECTION.KEY with SECTION one of {sections}")
+    section = getattr(config, parts[0])
+    hints = _section_types(section)
+    if parts[1] not in hints:
+        raise ConfigError(f"unknown key {dotted!r}; {parts[0]} has: {', '.join(hints)}")
+    setattr(section, parts[1], _coerce(dotted, value, hints[parts[1]]))
+
+
+def apply_mapping(config: TrainConfig, mapping: dict[str, Any], *, origin: str) -> None:
+    """Applies a nested {section: {key: value}} mapping (a YAML file's content)."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(mapping).__name__}")
+    for section, values in mapping.items():
+        if section == "base":
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            try:
+                set_key(config, f"{section}.{key}", value)
+            except ConfigError as error:
+                raise ConfigError(f"{origin}: {error}") from None
+
+
+def shipped_configs() -> list[str]:
+    """Names of the recipes shipped in :mod:`fastssl.configs`."""
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files("fastssl.configs").iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def _read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        return yaml.safe_load(path.read_text()) or {}, str(path)
+    shipped = resources.files("fastssl.configs") / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(f"unknown config {name_or_path!r}; shipped configs: {', '.join(shipped_configs())}")
+    return yaml.safe_load(shipped.read_text()) or {}, f"config {name_or_path}"
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Builds a config: defaults ← ``base`` chain ← the named recipe or YAML file ← ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown config, unknown key, bad value; the message names it.
+    """
+    config = TrainConfig()
+    chain: list[tuple[dict[str, Any], str]] = []
+    name = name_or_path or "digits_demo"
+    seen = set()
+    while name is not None:
+        if name in seen:
+            raise ConfigError(f"config {name!r} inherits from itself")
+        seen.add(name)
+        mapping, origin = _read_yaml(name)
+        chain.append((mapping, origin))
+        name = mapping.get("base") if isinstance(mapping, dict) else None
+    for mapping, origin in reversed(chain):
+        apply_mapping(config, mapping, origin=origin)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like SECTION.KEY=VALUE")
+        key, value = item.split("=", 1)
+        set_key(config, key.strip(), value.strip())
+    validate(config)
+    return config
+
+
+def _check_views(views: str | list[str]) -> None:
+    from fastssl.data.presets import PRESETS, RECIPES
+
+    for name in [views] if isinstance(views, str) else views:
+        if name not in PRESETS and name not in RECIPES:
+            raise ConfigError(
+                f"data.views: unknown view preset {name!r}; views: {', '.join(sorted(PRESETS))}; "
+                f"multi-view recipes: {', '.join(sorted(RECIPES))}"
+            )
+
+
+def validate(config: TrainConfig) -> None:
+    """Range and consistency checks that need more than a type."""
+    for dotted, choices in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if value not in choices:
+            raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {value!r}")
+    positive = {
+        "data.batch_size": config.data.batch_size,
+        "method.bank_size": config.method.bank_size,
+        "method.tau": config.method.tau,
+        "method.tau_student": config.method.tau_student,
+        "method.tau_teacher": config.method.tau_teacher,
+        "method.k": config.method.k,
+        "optim.lr": config.optim.lr,
+        "optim.base_batch": config.optim.base_batch,
+        "run.epochs": config.run.epochs,
+        "run.keep_last": config.run.keep_last,
+        "run.knn_k": config.run.knn_k,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if not 0 <= config.method.momentum <= 1:
+        raise ConfigError(f"method.momentum: must be in [0, 1], got {config.method.momentum}")
+    if config.method.k > config.method.bank_size:
+        raise ConfigError(f"method.k: {config.method.k} neighbours exceed method.bank_size={config.method.bank_size}")
+    for key in ("run.max_steps", "run.time_budget_s", "run.stop_at_step"):
+        value = getattr(config.run, key.split(".")[1])
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}: must be positive when set, got {value}")
+    if config.data.dataset == "imagefolder":
+        if not config.data.path:
+            raise ConfigError("data.path: the imagefolder dataset needs data.path=/path/to/train")
+        if not Path(config.data.path).is_dir():
+            raise ConfigError(f"data.path: {config.data.path!r} is not a directory")
+        if config.data.eval_path and not Path(config.data.eval_path).is_dir():
+            raise ConfigError(f"data.eval_path: {config.data.eval_path!r} is not a directory")
+    _check_views(config.data.views)
+    if (config.data.unbalanced_large is None) != (config.data.unbalanced_cap is None):
+        raise ConfigError("data.unbalanced_large and data.unbalanced_cap must be set together (ISD Table 4)")
+    if config.method.name in ("msf", "byol", "sdssl", "nnclr") and not config.model.predictor:
+        raise ConfigError(f"model.predictor: method {config.method.name} needs a predictor (e.g. [4096, 256])")

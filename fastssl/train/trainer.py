@@ -1,0 +1,352 @@
+"""The training loop shared by every recipe: data → method → AMP step → EMA → logs, checkpoints, kNN monitor.
+
+Exact resume: a checkpoint holds the model, teacher, heads, bank (+ labels, pointer), loss-module counters, optimizer,
+grad scaler, schedule position, RNG states and the data position (epoch, batch). The loader draws every
+augmentation from (seed, epoch, sample index), so a resumed deterministic CPU run reproduces the uninterrupted run's
+losses exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastssl.data import make_loader, resolve_views
+from fastssl.data.presets import RECIPES, get_views
+from fastssl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastssl.train.config import ConfigError, TrainConfig
+from fastssl.train.datasets import monitor_splits, training_source
+from fastssl.train.distributed import DistContext, setup_distributed, teardown_distributed
+from fastssl.train.methods import Method, build_method
+from fastssl.train.optim import build_optimizer, lr_at, momentum_at, scaled_lr
+from fastssl.train.run_log import RunLog
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+def _views(config: TrainConfig):
+    views = config.data.views
+    if isinstance(views, str):
+        return get_views(views) if views in RECIPES else resolve_views(views)
+    flat = []
+    for name in views:
+        flat += get_views(name) if name in RECIPES else resolve_views(name)
+    return flat
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Builds everything from a validated config; :meth:`fit` runs (or resumes) training and returns the metrics."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        run = config.run
+        self.ctx: DistContext = setup_distributed(run.device)
+        if run.threads:
+            torch.set_num_threads(run.threads)
+        _seed_everything(run.seed, run.deterministic)
+        self.out_dir = Path(run.out_dir) / run.name
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.log = RunLog(self.out_dir, tensorboard=run.tensorboard, enabled=self.ctx.is_main)
+
+        views = _views(config)
+        self.views = views
+        source = training_source(config.data, seed=run.seed)
+        self.loader = make_loader(
+            source,
+            views,
+            config.data.batch_size,
+            backend=config.data.backend,
+            seed=run.seed,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            device=self.ctx.device,
+            channels_last=config.data.channels_last,
+            num_workers=config.data.num_workers,
+            verbose=self.ctx.is_main,
+        )
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"data.batch_size: {config.data.batch_size} per rank × {self.ctx.world_size} ranks exceeds the "
+                f"{len(source)} training images"
+            )
+        self.total_steps = run.epochs * self.steps_per_epoch
+        if run.max_steps is not None:
+            self.total_steps = min(self.total_steps, run.max_steps)
+
+        # Warm-ups given in epochs become steps now that the epoch length is known.
+        config.optim.warmup_steps += round(config.optim.warmup_epochs * self.steps_per_epoch)
+        config.method.warmup_steps += round(config.method.warmup_epochs * self.steps_per_epoch)
+        config.optim.warmup_epochs = config.method.warmup_epochs = 0.0
+        self.method: Method = build_method(config).to(self.ctx.device)
+        if hasattr(self.method, "set_total_steps"):
+            self.method.set_total_steps(self.total_steps)
+        if config.data.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        if config.model.sync_bn and self.ctx.world_size > 1:
+            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        global_batch = config.data.batch_size * self.ctx.world_size
+        self.base_lr = scaled_lr(config.optim, global_batch)
+        self.optimizer = build_optimizer(self.method, config.optim, global_batch)
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=run.amp == "fp16")
+        self.model: nn.Module = self.method
+        if self.ctx.world_size > 1:
+            # The bank is identical on every rank by construction (it all-gathers), so buffers are not broadcast.
+            self.model = nn.parallel.DistributedDataParallel(
+                self.method,
+                device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+        if config.model.compile:
+            self.method.backbone = torch.compile(self.method.backbone)
+        self.global_step = self.epoch = self.step_in_epoch = 0
+        self.knn_history: list[dict[str, Any]] = []
+        mean, std = views[0].mean, views[0].std
+        self.monitor = monitor_splits(config.data, seed=run.seed, mean=mean, std=std, image_size=views[0].size)
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method.state_dict(),
+            "backbone": self.method.backbone.state_dict(),  # what `fastssl eval` loads
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "rng": _rng_state(),
+            "knn_history": self.knn_history,
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.global_step, self.epoch, self.step_in_epoch = state["global_step"], state["epoch"], state["step_in_epoch"]
+        self.knn_history = state.get("knn_history", [])
+        _set_rng_state(state["rng"])
+
+    def save(self) -> Path | None:
+        if not self.ctx.is_main:
+            return None
+        return save_checkpoint(
+            self.state_dict(), self.checkpoint_dir, self.global_step, keep_last=self.config.run.keep_last
+        )
+
+    def maybe_resume(self) -> Path | None:
+        resume = self.config.run.resume
+        if not resume:
+            return None
+        path = latest_checkpoint(self.checkpoint_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return None  # nothing to resume yet: a fresh start
+        if not path.is_file():
+            raise ConfigError(f"run.resume: checkpoint {str(path)!r} does not exist")
+        self.load_state_dict(load_checkpoint(path))
+        if self.ctx.is_main:
+            print(f"fastssl train: resumed from {path} at step {self.global_step} (epoch {self.epoch})")
+        return path
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    def knn(self, tag: str) -> dict[str, float] | None:
+        """kNN top-1 of each eval backbone (student, teacher) on the monitor splits; rank 0 gets the numbers."""
+        if self.monitor is None or not self.config.run.knn_monitor:
+            return None
+        from fastssl.eval import extract_features, knn_accuracy
+
+        train_data, test_data = self.monitor
+        results: dict[str, float] = {}
+        backbones = self.method.eval_backbones()
+        if not self.config.run.knn_teacher:
+            backbones = {"student": backbones["student"]}
+        for name, backbone in backbones.items():
+            common = dict(device=self.ctx.device, batch_size=512, progress=False)
+            train = extract_features(backbone, train_data, desc=f"{name} train", **common)
+            test = extract_features(backbone, test_data, desc=f"{name} test", **common)
+            if train is not None and test is not None:
+                accuracy = knn_accuracy(
+                    train.features, train.labels, test.features, test.labels, k=self.config.run.knn_k
+                )
+                results[name] = accuracy.top1
+        if not self.ctx.is_main:
+            return None
+        self.knn_history.append({"step": self.global_step, "tag": tag, **results})
+        self.log.scalars(self.global_step, {f"knn/{k}": v for k, v in results.items()})
+        return results
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def _autocast(self):
+        amp = self.config.run.amp
+        if amp == "none":
+            return nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[float, dict[str, float]]:
+        config, step = self.config, self.global_step
+        lr = lr_at(step, self.total_steps, self.base_lr, config.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        m = momentum_at(step, self.total_steps, config.method)
+        if self.method.ema_before_forward:
+            self.method.momentum_update(m)
+        views = [v.to(self.ctx.device, non_blocking=True) for v in batch["views"]]
+        labels = batch["label"].to(self.ctx.device, non_blocking=True)
+        with self._autocast():
+            loss, metrics = self.model(views, labels, step)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            last = latest_checkpoint(self.checkpoint_dir)
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss_value}) at step {step} (epoch {self.epoch}, batch {self.step_in_epoch}); "
+                f"stopped without saving. Last good checkpoint: {last if last else 'none'}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if not self.method.ema_before_forward:
+            self.method.momentum_update(m)
+        return loss_value, {"lr": lr, "momentum": m, **metrics}
+
+    def fit(self) -> dict[str, Any]:
+        run = self.config.run
+        self.maybe_resume()
+        if self.global_step == 0:
+            self.knn("random init")
+        losses: list[float] = []
+        progress = None
+        if self.ctx.is_main:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(
+                total=self.total_steps,
+                initial=self.global_step,
+                desc=f"{run.name}",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
+            )
+        started = time.perf_counter()
+        images_per_step = self.config.data.batch_size * self.ctx.world_size
+        stop_reason = "finished"
+        try:
+            while self.global_step < self.total_steps and self.epoch < run.epochs:
+                if run.stop_at_step is not None and self.global_step >= run.stop_at_step:
+                    stop_reason = f"stopped at step {run.stop_at_step} (run.stop_at_step)"
+                    break
+                self.loader.resume(self.epoch, self.step_in_epoch)
+                tick = time.perf_counter()
+                for batch in self.loader:
+                    loss, metrics = self.train_step(batch)
+                    losses.append(loss)
+                    self.global_step += 1
+                    self.step_in_epoch += 1
+                    if self.step_in_epoch == self.steps_per_epoch:
+                        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    now = time.perf_counter()
+                    img_s = images_per_step / max(now - tick, 1e-9)
+                    tick = now
+                    if self.ctx.is_main and (self.global_step % run.log_every == 0 or self.global_step == 1):
+                        self.log.scalars(
+                            self.global_step,
+                            {
+                                "train/loss": loss,
+                                "train/img_per_s": img_s,
+                                **{f"train/{k}": v for k, v in metrics.items()},
+                            },
+                        )
+                    if progress is not None:
+                        shown = {"loss": f"{loss:.4f}", "lr": f"{metrics['lr']:.3g}", "img/s": f"{img_s:.0f}"}
+                        if "purity" in metrics:
+                            shown["purity"] = f"{metrics['purity']:.3f}"
+                        progress.set_postfix(shown, refresh=False)
+                        progress.update(1)
+                    if run.checkpoint_every and self.global_step % run.checkpoint_every == 0:
+                        self.save()
+                    if run.knn_every and self.global_step % run.knn_every == 0 and self.global_step < self.total_steps:
+                        self.knn(f"step {self.global_step}")
+                    if self.global_step >= self.total_steps:
+                        break
+                    if run.stop_at_step is not None and self.global_step >= run.stop_at_step:
+                        stop_reason = f"stopped at step {run.stop_at_step} (run.stop_at_step)"
+                        break
+                    if run.time_budget_s is not None and time.perf_counter() - started >= run.time_budget_s:
+                        stop_reason = f"time budget of {run.time_budget_s:g} s reached"
+                        break
+                else:
+                    if self.step_in_epoch == 0:
+                        self.save()  # epoch end
+                    continue
+                break
+        finally:
+            if progress is not None:
+                progress.close()
+        elapsed = time.perf_counter() - started
+        self.save()
+        final = self.knn("trained")
+        result = self.summary(losses, elapsed, stop_reason, final)
+        self.log.close()
+        return result
+
+    def summary(self, losses, elapsed, stop_reason, final) -> dict[str, Any]:
+        result = {
+            "name": self.config.run.name,
+            "method": self.config.method.name,
+            "steps": self.global_step,
+            "epochs_completed": self.epoch,
+            "train_seconds": elapsed,
+            "stop_reason": stop_reason,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "losses": losses,
+            "knn_history": self.knn_history,
+        }
+        if not self.ctx.is_main:
+            return result
+        self.log.write_json("metrics.json", {k: v for k, v in result.items() if k != "losses"})
+        if self.config.run.plot:
+            self.log.plot(self.out_dir / "curves.png", title=f"{self.config.run.name} ({self.config.method.name})")
+        return result
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Runs one training job (one process of it under torchrun) and returns its metrics."""
+    try:
+        return Trainer(config).fit()
+    finally:
+        teardown_distributed()

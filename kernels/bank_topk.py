@@ -1,0 +1,411 @@
+r"""Exact top-k of query·bank similarities with indices: fused dot + streaming selection, split across the bank.
+
+Derivation
+----------
+For query row n the op returns the k largest s_{n,j} = q_n·b_j (fp32, tensor-core dot with fp32 accumulation) and
+their indices j, descending, ties broken towards the lower index. A sorting network moves values only, so every
+(value, index) pair is packed into one int64 key whose integer order is the wanted order:
+
+    bits   = float32 bits of s reinterpreted as int32
+    key32  = bits                     if bits >= 0   (non-negative floats already order like their bits)
+           = bits XOR 0x7FFFFFFF      otherwise      (negative floats: flip magnitude bits so larger -> larger)
+    key    = key32 << 32  |  (2^32 - 1 - j)
+
+key32 is a monotone map of the float onto signed int32, and the low word is the inverted index, so among equal
+values the lower index has the larger key. All keys are distinct, which makes the selection a function of the set
+of candidates only: the result does not depend on block sizes, split counts or merge order (bitwise reproducible).
+Indices must be < 2^32; the launcher allows banks up to 2^31 rows and addresses them with int64 offsets.
+
+Streaming: program (row block, split) keeps the running top-KP keys of each row in ascending order (KP = k rounded up
+to a power of two, initialised to the int64 minimum, which no real key reaches). For every bank block it computes
+the tile of keys and, only when some key beats a row's current KP-th best (rare after the first blocks), merges:
+the tile's top-KP in descending order by a bitonic top-k network, then max(running ascending, tile descending)
+elementwise, which is a bitonic sequence holding the top KP of both, sorted again by one bitonic merge (log2 KP
+compare-exchange steps). A second kernel merges the per-split lists the same way and decodes the first k keys back
+to (value, index).
+
+The networks are written here with min/max over size-2 axes of a [2, 2, ...] view of the tile rather than with
+``tl.topk``/``tl.sort``, whose compare-exchange is an xor-reduction that Triton's CPU interpreter evaluates element by
+element in Python (too slow for the test suite); on the GPU both are in-register or warp-shuffle reductions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .dot_precision import DotPlan, dot_plan, query_dot, split_query
+
+__all__ = ["bank_topk", "TopkConfig", "CONFIGS", "pick_config", "MAX_K", "aot_specs"]
+
+MAX_K = 256
+MAX_SPLITS = 256
+MIN_BLOCKS_PER_SPLIT = 8
+
+
+@dataclass(frozen=True)
+class TopkConfig:
+    """Launch configuration of the partial kernel."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Deterministic config table keyed by (BLOCK_D, DotPlan.config_class), as in bank_softmax_stats. BLOCK_K is raised to KP
+# when k is larger. The D = 128 and 512 entries are compiled for sm_80/sm_90 and spill-checked by
+# tests/test_kernels_aot.py; D = 32, 64, 256 were checked once the same way (D = 16 was not). fp32 banks are limited to
+# D <= 128: the fp32 operand tiles of wider rows spill at every tile size. Known: D = 256 with fp32 queries and k > 32
+# spills 8 bytes on sm_90 with every config tried (a small slowdown, not an error).
+CONFIGS: dict[tuple[int, str], TopkConfig] = {
+    **{(bd, "16"): TopkConfig(64, 64, 4, 3) for bd in (16, 32, 64, 128)},
+    (256, "16"): TopkConfig(32, 64, 8, 2),
+    (512, "16"): TopkConfig(32, 64, 8, 2),
+    **{(bd, "32x16"): TopkConfig(64, 64, 4, 3) for bd in (16, 32)},
+    (64, "32x16"): TopkConfig(64, 64, 8, 3),
+    (128, "32x16"): TopkConfig(64, 64, 8, 3),
+    (256, "32x16"): TopkConfig(32, 32, 8, 2),
+    (512, "32x16"): TopkConfig(32, 64, 8, 2),
+    **{(bd, "32"): TopkConfig(32, 64, 4, 2) for bd in (16, 32)},
+    **{(bd, "32"): TopkConfig(32, 64, 8, 2) for bd in (64, 128)},
+}
+
+_TRITON_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def pick_config(d: int, plan: DotPlan) -> TopkConfig:
+    """Launch configuration for feature dim ``d`` and the dot plan."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if block_d > 512:
+        raise ValueError(f"bank_topk supports D <= 512, got D={d}")
+    if (block_d, plan.config_class) not in CONFIGS:
+        raise NotImplementedError(
+            f"bank_topk: fp32 banks are supported up to D=128 (got D={d}); store the bank in fp16/bf16 or use the "
+            "streaming backend"
+        )
+    return CONFIGS[(block_d, plan.config_class)]
+
+
+@triton.jit
+def _pack_keys(s, idx):
+    """int64 keys ordered like (s descending, idx ascending); see the module docstring."""
+    bits = s.to(tl.int32, bitcast=True)
+    key32 = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (key32.to(tl.int64) << 32) | (4294967295 - idx.to(tl.int64))
+
+
+# Bitonic networks on a tile viewed as a hypercube [2] * N_DIMS (rows are the outer axes, the sorted dimension the
+# inner ones). A compare-exchange along one axis is a min and a max over that size-2 axis: cheap on the GPU (in-thread
+# or one shuffle) and vectorised in the interpreter, unlike a custom-combine reduction.
+
+
+@triton.jit
+def _upper_bit(N_DIMS: tl.constexpr, AXIS: tl.constexpr):
+    """Bit AXIS (counted from the innermost axis) of each position: 1 for the upper element of each pair."""
+    return tl.reshape(tl.arange(0, 2), [1] * (N_DIMS - AXIS - 1) + [2] + [1] * AXIS)
+
+
+@triton.jit
+def _compare_exchange(h, flip, AXIS: tl.constexpr, N_DIMS: tl.constexpr):
+    """Put the min of each pair along AXIS at the lower position and the max at the upper (swapped where flip)."""
+    lo = tl.min(h, axis=N_DIMS - 1 - AXIS, keep_dims=True)
+    hi = tl.max(h, axis=N_DIMS - 1 - AXIS, keep_dims=True)
+    return tl.where((_upper_bit(N_DIMS, AXIS) ^ flip) == 1, hi, lo)
+
+
+@triton.jit
+def _bitonic_merge(h, STAGE: tl.constexpr, ORDER: tl.constexpr, N_DIMS: tl.constexpr):
+    """Sort every bitonic run of 2^STAGE elements: ORDER 0 ascending, 1 descending, 2 alternating run by run."""
+    if ORDER == 2:
+        flip = _upper_bit(N_DIMS, STAGE)
+    else:
+        flip = ORDER
+    for i in tl.static_range(STAGE):
+        h = _compare_exchange(h, flip, STAGE - 1 - i, N_DIMS)
+    return h
+
+
+@triton.jit
+def _sort_bitonic_rows(x, LOG_ROWS: tl.constexpr, LOG_N: tl.constexpr, DESCENDING: tl.constexpr):
+    """Sort each row of x (2^LOG_ROWS, 2^LOG_N) that is already bitonic (e.g. sorted either way, or max(asc, desc))."""
+    h = tl.reshape(x, [2] * (LOG_ROWS + LOG_N))
+    h = _bitonic_merge(h, LOG_N, DESCENDING, LOG_ROWS + LOG_N)
+    return tl.reshape(h, x.shape)
+
+
+@triton.jit
+def _topk_rows(x, LOG_ROWS: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr, DESCENDING: tl.constexpr):
+    """The 2^LOG_K largest of each row of x (2^LOG_ROWS, 2^LOG_N), sorted.
+
+    Bitonic sort up to runs of 2^LOG_K alternating ascending/descending; then repeatedly the elementwise max of
+    neighbouring runs (a bitonic run holding the top 2^LOG_K of both) re-sorted by one bitonic merge.
+    """
+    h = tl.reshape(x, [2] * (LOG_ROWS + LOG_N))
+    for i in tl.static_range(1, LOG_K + 1):
+        h = _bitonic_merge(h, i, 2 if i < LOG_N else DESCENDING, LOG_ROWS + LOG_N)
+    for i in tl.static_range(LOG_K + 1, LOG_N + 1):
+        h = tl.max(h, axis=LOG_ROWS + LOG_N - (i - LOG_K - 1) - 1 - LOG_K)
+        h = _bitonic_merge(h, LOG_K, 2 if i < LOG_N else DESCENDING, LOG_ROWS + LOG_N - (i - LOG_K))
+    return tl.reshape(h, [x.shape[0], 1 << LOG_K])
+
+
+@triton.jit
+def _bank_topk_partial_kernel(
+    q_ptr,  # (N, D) queries
+    bank_ptr,  # (K, D) bank
+    keys_ptr,  # (S, N, KP) int64 out: top-KP keys of each split, descending
+    N,
+    K,
+    D,
+    stride_q,
+    stride_bank,
+    keys_per_split,  # multiple of BLOCK_K
+    LOG_KP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,  # tensor-core operand dtype (see dot_precision)
+    X_TERMS: tl.constexpr,  # 16-bit terms of the fp32 query
+    LO_SCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    LOG_BLOCK_N: tl.constexpr,
+    LOG_BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    BLOCK_N: tl.constexpr = 1 << LOG_BLOCK_N
+    BLOCK_K: tl.constexpr = 1 << LOG_BLOCK_K
+    KP: tl.constexpr = 1 << LOG_KP
+    pid_n = tl.program_id(0)  # fastest axis: row blocks of one split share bank tiles in L2
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < N
+    d_ok = offs_d < D
+    rows = offs_n.to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_q + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    q_hi, q_lo, q_lo2 = split_query(q, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
+
+    # Running top-KP keys of each row, ascending, so best[:, 0] is the KP-th best.
+    best = tl.full((BLOCK_N, KP), -9223372036854775808, tl.int64)
+    k_start = split * keys_per_split
+    k_end = tl.minimum(k_start + keys_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        b = tl.load(
+            bank_ptr + offs_k.to(tl.int64)[:, None] * stride_bank + offs_d[None, :],
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(COMPUTE_DTYPE)
+        s = query_dot(q_hi, q_lo, q_lo2, tl.trans(b), X_TERMS, LO_SCALE, INPUT_PRECISION)
+        keys = _pack_keys(s, offs_k[None, :])
+        keys = tl.where(k_ok[None, :], keys, -9223372036854775808)
+        kth = tl.min(best, axis=1)
+        n_better = tl.sum(tl.sum((keys > kth[:, None]).to(tl.int32), axis=1), axis=0)
+        if n_better > 0:
+            tile_top = _topk_rows(keys, LOG_BLOCK_N, LOG_BLOCK_K, LOG_KP, 1)  # descending
+            # max(ascending, descending) is bitonic and holds the top KP of the union.
+            best = _sort_bitonic_rows(tl.maximum(best, tile_top), LOG_BLOCK_N, LOG_KP, 0)
+
+    best = _sort_bitonic_rows(best, LOG_BLOCK_N, LOG_KP, 1)
+    out = (split.to(tl.int64) * N + rows)[:, None] * KP + tl.arange(0, KP)[None, :]
+    tl.store(keys_ptr + out, best, mask=n_ok[:, None])
+
+
+@triton.jit
+def _bank_topk_merge_kernel(
+    keys_ptr,  # (S, N, KP) int64 partial keys, each row descending
+    values_ptr,  # (N, k) fp32 out
+    indices_ptr,  # (N, k) int64 out
+    N,
+    NUM_SPLITS,
+    k,
+    LOG_KP: tl.constexpr,
+    LOG_BLOCK_N: tl.constexpr,
+):
+    BLOCK_N: tl.constexpr = 1 << LOG_BLOCK_N
+    KP: tl.constexpr = 1 << LOG_KP
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, KP)
+    n_ok = offs_n < N
+    rows = offs_n.to(tl.int64)
+    best = tl.load(keys_ptr + rows[:, None] * KP + offs_j[None, :], mask=n_ok[:, None], other=-9223372036854775808)
+    best = _sort_bitonic_rows(best, LOG_BLOCK_N, LOG_KP, 0)  # ascending
+    for split in range(1, NUM_SPLITS):
+        cand = tl.load(
+            keys_ptr + (split * N + rows)[:, None] * KP + offs_j[None, :],
+            mask=n_ok[:, None],
+            other=-9223372036854775808,
+        )
+        best = _sort_bitonic_rows(tl.maximum(best, cand), LOG_BLOCK_N, LOG_KP, 0)
+    best = _sort_bitonic_rows(best, LOG_BLOCK_N, LOG_KP, 1)
+
+    key32 = (best >> 32).to(tl.int32)
+    bits = tl.where(key32 >= 0, key32, key32 ^ 0x7FFFFFFF)
+    values = bits.to(tl.float32, bitcast=True)
+    indices = 4294967295 - (best & 4294967295)
+    out = rows[:, None] * k + offs_j[None, :]
+    mask = n_ok[:, None] & (offs_j[None, :] < k)
+    tl.store(values_ptr + out, values, mask=mask)
+    tl.store(indices_ptr + out, indices, mask=mask)
+
+
+def _merge_block_n(kp: int) -> int:
+    """Rows per merge program: at most 4096 keys in flight."""
+    return max(2, min(64, 4096 // kp))
+
+
+def _partial_constexprs(plan: DotPlan, d: int, kp: int, block_n: int, block_k: int) -> dict:
+    """Compile-time arguments of the partial kernel (shared by the launcher and :func:`aot_specs`)."""
+    return {
+        "LOG_KP": _log2(kp),
+        **plan.constexprs(),
+        "LOG_BLOCK_N": _log2(block_n),
+        "LOG_BLOCK_K": _log2(max(block_k, kp)),
+        "BLOCK_D": max(16, triton.next_power_of_2(d)),
+    }
+
+
+# Padded KP the ahead-of-time check compiles: the common k = 10 for every dtype pair, and the largest tested k = 64
+# for the production pair (fp32 queries over an fp16 bank).
+AOT_KP = (16, 64)
+
+
+def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype) -> list[dict]:
+    """The kernel variants a launch with feature dim ``d``, ``x_dtype`` queries and a ``bank_dtype`` bank compiles
+    (k padded to :data:`AOT_KP`), for ahead-of-time checks. Same dict layout as ``bank_softmax_stats.aot_specs``."""
+    plan = dot_plan(x_dtype, bank_dtype)
+    cfg = pick_config(d, plan)
+    specs = []
+    for kp in AOT_KP if (x_dtype, bank_dtype) == (torch.float32, torch.float16) else AOT_KP[:1]:
+        signature = {
+            "q_ptr": _TRITON_TYPE[x_dtype], "bank_ptr": _TRITON_TYPE[bank_dtype], "keys_ptr": "*i64", "N": "i32",
+            "K": "i32", "D": "i32", "stride_q": "i32", "stride_bank": "i32", "keys_per_split": "i32",
+        }  # fmt: skip
+        constexprs = _partial_constexprs(plan, d, kp, cfg.block_n, cfg.block_k)
+        signature.update({name: "constexpr" for name in constexprs})
+        specs.append(
+            {
+                "name": f"partial[D={d},x={str(x_dtype)[6:]},bank={str(bank_dtype)[6:]},KP={kp}]",
+                "fn": _bank_topk_partial_kernel,
+                "signature": signature,
+                "constexprs": constexprs,
+                "attrs": {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 5, 6, 7, 8)},
+                "num_warps": cfg.num_warps,
+                "num_stages": cfg.num_stages,
+            }
+        )
+        signature = {
+            "keys_ptr": "*i64", "values_ptr": "*fp32", "indices_ptr": "*i64", "N": "i32", "NUM_SPLITS": "i32",
+            "k": "i32", "LOG_KP": "constexpr", "LOG_BLOCK_N": "constexpr",
+        }  # fmt: skip
+        specs.append(
+            {
+                "name": f"merge[KP={kp}]",
+                "fn": _bank_topk_merge_kernel,
+                "signature": signature,
+                "constexprs": {"LOG_KP": _log2(kp), "LOG_BLOCK_N": _log2(_merge_block_n(kp))},
+                "attrs": {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2)},
+                "num_warps": 4,
+                "num_stages": 1,
+            }
+        )
+    return specs
+
+
+def _log2(v: int) -> int:
+    if v < 1 or v & (v - 1):
+        raise ValueError(f"block sizes must be powers of two, got {v}")
+    return v.bit_length() - 1
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def bank_topk(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    allow_tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k bank rows by dot product, with indices.
+
+    Args:
+        query: (N, D) fp16/bf16/fp32 queries (the caller normalises for cosine similarity).
+        bank: (K, D) fp16/bf16/fp32 bank rows, last dim contiguous, 1 <= k <= K < 2^31.
+        k: number of neighbours, 1 <= k <= 256.
+        num_splits, block_n, block_k, num_warps, num_stages: override the config table (tests use small blocks).
+        allow_tf32: single TF32 products for fp32 inputs (default 3xTF32, fp32-accurate).
+
+    Returns:
+        values: (N, k) fp32 similarities q·b, descending.
+        indices: (N, k) int64 bank row indices; equal values are ordered by ascending index.
+    """
+    if query.dim() != 2 or bank.dim() != 2:
+        raise ValueError(f"query and bank must be 2-D, got {tuple(query.shape)} and {tuple(bank.shape)}")
+    n, d = query.shape
+    num_keys = bank.shape[0]
+    if bank.shape[1] != d:
+        raise ValueError(f"feature dims differ: query {tuple(query.shape)}, bank {tuple(bank.shape)}")
+    for name, t in (("query", query), ("bank", bank)):
+        if t.dtype not in _TRITON_TYPE:
+            raise TypeError(f"{name} must be fp16, bf16 or fp32, got {t.dtype}")
+    if bank.device != query.device:
+        raise ValueError(f"bank is on {bank.device}, query on {query.device}")
+    if not 1 <= k <= min(num_keys, MAX_K):
+        raise ValueError(f"k must be in [1, min(K={num_keys}, {MAX_K})], got {k}")
+    if num_keys >= 2**31:
+        raise ValueError(f"bank has {num_keys} rows; indices are packed into 32 bits (< 2^31 supported)")
+
+    device = query.device
+    values = torch.empty(n, k, dtype=torch.float32, device=device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=device)
+    if n == 0:
+        return values, indices
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    bank = bank if bank.stride(-1) == 1 else bank.contiguous()
+
+    plan = dot_plan(query.dtype, bank.dtype, allow_tf32)
+    cfg = pick_config(d, plan)
+    kp = triton.next_power_of_2(k)
+    block_n = block_n or cfg.block_n
+    block_k = max(block_k or cfg.block_k, kp)  # the tile's own top-KP needs KP <= BLOCK_K
+    num_warps = num_warps or cfg.num_warps
+    num_stages = num_stages or cfg.num_stages
+    if num_splits is None:
+        target = triton.cdiv(2 * _num_sms(device), triton.cdiv(n, block_n))
+        num_splits = max(1, min(target, triton.cdiv(triton.cdiv(num_keys, block_k), MIN_BLOCKS_PER_SPLIT), MAX_SPLITS))
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    keys_per_split = triton.cdiv(triton.cdiv(num_keys, num_splits), block_k) * block_k
+
+    keys = torch.empty(num_splits, n, kp, dtype=torch.int64, device=device)
+    _bank_topk_partial_kernel[(triton.cdiv(n, block_n), num_splits)](
+        query,
+        bank,
+        keys,
+        n,
+        num_keys,
+        d,
+        query.stride(0),
+        bank.stride(0),
+        keys_per_split,
+        **_partial_constexprs(plan, d, kp, block_n, block_k),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    merge_n = max(2, min(_merge_block_n(kp), triton.next_power_of_2(n)))
+    _bank_topk_merge_kernel[(triton.cdiv(n, merge_n),)](
+        keys, values, indices, n, num_splits, k, LOG_KP=_log2(kp), LOG_BLOCK_N=_log2(merge_n), num_warps=4
+    )
+    return values, indices

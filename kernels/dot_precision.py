@@ -1,0 +1,113 @@
+r"""How the bank kernels multiply queries by a bank of another precision on tensor cores.
+
+The public functions L2-normalise queries in fp32 (rounding a unit vector to fp16 moves a τ = 0.01 logit by ~1e-2),
+while banks are usually stored in fp16 or bf16. Upcasting the bank tile to fp32 would make every dot an fp32 dot
+(3xTF32, about 6x the fp16 tensor-core time). Instead the fp32 query is split into 16-bit terms in the bank's dtype,
+
+    x = hi + lo / L + lo2 / L^2,   hi = fp16(x),  lo = fp16((x - hi)·L),  ...
+
+with L a power of two (2^11 for fp16, so the residual, ≤ 2^-11·|x|, is lifted out of the fp16 subnormal range;
+2^8 for bf16), and x·b is evaluated by Horner's rule with fp32 accumulation,
+
+    s = ((hi·b)·L + lo·b)·L + lo2·b) / L^2,
+
+every term an exact 16-bit × 16-bit product. Two fp16 terms (or three bf16 terms) represent x to ~2^-22 relative,
+i.e. fp32 accuracy, for twice (three times) the cost of a plain 16-bit dot. Banks that are exactly representable
+in the bank dtype lose nothing.
+
+Plans (x dtype, bank dtype) -> (dot dtype, terms):
+    fp16 x fp16, bf16 x bf16   -> 16-bit, 1 term
+    fp32 x fp16 / bf16         -> 16-bit, 2 / 3 terms
+    anything else              -> fp32 (3xTF32 unless TF32 is allowed), 1 term
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["DotPlan", "dot_plan", "split_query", "query_dot", "FP32_PRECISION"]
+
+# Tensor-core precision of fp32 dots unless TF32 is allowed: three TF32 products recover fp32 accuracy, while "ieee"
+# (FMA) holds whole D-long operand rows per thread and spills at D >= 128.
+FP32_PRECISION = "tf32x3"
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@dataclass(frozen=True)
+class DotPlan:
+    """Compile-time description of the query·bank dot."""
+
+    compute_dtype: torch.dtype  # dtype of both tensor-core operands
+    x_terms: int  # 16-bit terms the query is split into (1: no split)
+    lo_scale: float  # L, the power of two lifting each residual term
+    input_precision: str  # tl.dot input_precision (matters for fp32 operands only)
+
+    @property
+    def config_class(self) -> str:
+        """Config-table column: "16" plain 16-bit, "32x16" split fp32 queries over a 16-bit bank, "32" fp32."""
+        if self.compute_dtype == torch.float32:
+            return "32"
+        return "16" if self.x_terms == 1 else "32x16"
+
+    def constexprs(self) -> dict:
+        return {
+            "COMPUTE_DTYPE": _TL_DTYPE[self.compute_dtype],
+            "X_TERMS": self.x_terms,
+            "LO_SCALE": self.lo_scale,
+            "INPUT_PRECISION": self.input_precision,
+        }
+
+
+def dot_plan(x_dtype: torch.dtype, bank_dtype: torch.dtype, allow_tf32: bool = False) -> DotPlan:
+    """The :class:`DotPlan` for queries of ``x_dtype`` against a bank of ``bank_dtype``."""
+    for dtype in (x_dtype, bank_dtype):
+        if dtype not in _TL_DTYPE:
+            raise TypeError(f"inputs must be fp16, bf16 or fp32, got {dtype}")
+    if x_dtype == bank_dtype and bank_dtype != torch.float32:
+        return DotPlan(bank_dtype, 1, 1.0, "tf32")
+    if x_dtype == torch.float32 and bank_dtype == torch.float16:
+        return DotPlan(torch.float16, 2, 2048.0, "tf32")
+    if x_dtype == torch.float32 and bank_dtype == torch.bfloat16:
+        return DotPlan(torch.bfloat16, 3, 256.0, "tf32")
+    return DotPlan(torch.float32, 1, 1.0, "tf32" if allow_tf32 else FP32_PRECISION)
+
+
+@triton.jit
+def split_query(x, COMPUTE_DTYPE: tl.constexpr, X_TERMS: tl.constexpr, LO_SCALE: tl.constexpr):
+    """(hi, lo, lo2) operand tiles of query tile ``x`` (unused terms are copies of hi)."""
+    hi = x.to(COMPUTE_DTYPE)
+    lo = hi
+    lo2 = hi
+    if X_TERMS >= 2:
+        residual = (x.to(tl.float32) - hi.to(tl.float32)) * LO_SCALE
+        lo = residual.to(COMPUTE_DTYPE)
+        if X_TERMS >= 3:
+            lo2 = ((residual - lo.to(tl.float32)) * LO_SCALE).to(COMPUTE_DTYPE)
+    return hi, lo, lo2
+
+
+@triton.jit
+def query_dot(
+    hi,
+    lo,
+    lo2,
+    bank_t,
+    X_TERMS: tl.constexpr,
+    LO_SCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """fp32 (rows, cols) tile of x·bᵀ from the split query terms and a transposed bank tile (Horner's rule)."""
+    s = tl.dot(hi, bank_t, input_precision=INPUT_PRECISION)
+    if X_TERMS >= 2:
+        s = tl.dot(lo, bank_t, s * LO_SCALE, input_precision=INPUT_PRECISION)
+        if X_TERMS >= 3:
+            s = tl.dot(lo2, bank_t, s * LO_SCALE, input_precision=INPUT_PRECISION)
+            s = s * (1.0 / (LO_SCALE * LO_SCALE))
+        else:
+            s = s * (1.0 / LO_SCALE)
+    return s

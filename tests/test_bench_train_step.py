@@ -1,0 +1,36 @@
+"""benchmarks/bench_train_step.py --smoke: one row per recipe, internally consistent numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_run_writes_consistent_rows(tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_train_step.py"),
+        "--smoke",
+        "--configs",
+        "tiny_msf,tiny_isd",
+        "--warmup",
+        "1",
+        "--rep",
+        "5",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench_train_step.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["tiny_msf", "tiny_isd"]
+    for row in rows:
+        assert row["step_ms"] > 0 and row["loss_ms"] > 0
+        assert math.isclose(row["images_per_s"], row["batch"] / row["step_ms"] * 1e3, rel_tol=1e-9)
+        assert math.isclose(row["loss_share_pct"], 100 * row["loss_ms"] / row["step_ms"], rel_tol=1e-9)
+        assert row["bank"] == 256 and row["dim"] == 32

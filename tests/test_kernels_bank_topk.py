@@ -1,0 +1,168 @@
+"""fastssl.kernels.bank_topk against an fp64 stable-sort oracle.
+
+Integer-valued inputs (multiples of 1/4) make every dot product exact in fp16/bf16/fp32 whatever the summation order,
+so values and indices must match the oracle exactly, including the many ties (lower index first). Continuous random
+inputs check values to rounding. On CPU the kernels run in Triton's interpreter with small blocks; on CUDA the same
+cases run compiled with the production configuration, plus bf16 (triton#11584 keeps bf16 off the interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+
+pytest.importorskip("triton")
+from fastssl.kernels.bank_topk import bank_topk  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if CUDA else [])
+DTYPES = [torch.float16, torch.float32, torch.bfloat16]
+
+
+def _skip_unsupported(device: str, dtype: torch.dtype) -> None:
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter computes bf16 tl.dot wrongly (triton#11584); bf16 runs on GPU only")
+
+
+def oracle(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 similarities, stable descending sort: equal values keep ascending index order."""
+    sims = query.double().cpu() @ bank.double().cpu().T
+    order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
+    return sims.gather(1, order), order
+
+
+def _quarters(n: int, d: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
+    """Entries in {-0.5, -0.25, 0, 0.25, 0.5}: dot products are exact and ties are frequent."""
+    return (torch.randint(-2, 3, (n, d), generator=gen).double() / 4).to(device=device, dtype=dtype)
+
+
+def _launch_kwargs(device: str) -> dict:
+    return {"block_n": 16, "block_k": 16} if device == "cpu" else {}
+
+
+# (N, K, D, k, num_splits): N, K not block multiples; k = 1, 5, 17, 64 (padded to 1, 8, 32, 64); k = K; splits
+# with empty bank ranges; D not a power of two.
+CASES_CPU = [
+    (5, 37, 32, 5, 3),
+    (7, 150, 64, 17, 4),
+    (3, 70, 32, 64, 2),
+    (9, 3, 32, 1, 2),
+    (9, 3, 32, 3, 5),
+    (4, 40, 48, 5, 1),
+    (3, 33, 128, 5, 2),
+]
+CASES_CUDA = CASES_CPU + [(300, 70000, 128, 10, None), (257, 5000, 512, 64, None), (1000, 65536, 256, 1, 50)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exact_with_ties_to_lower_index(device: str, dtype: torch.dtype) -> None:
+    _skip_unsupported(device, dtype)
+    gen = torch.Generator().manual_seed(0)
+    for n, num_keys, d, k, num_splits in CASES_CPU if device == "cpu" else CASES_CUDA:
+        query = _quarters(n, d, dtype, device, gen)
+        bank = _quarters(num_keys, d, dtype, device, gen)
+        values, indices = bank_topk(query, bank, k, num_splits=num_splits, **_launch_kwargs(device))
+        assert values.dtype == torch.float32 and indices.dtype == torch.int64
+        assert values.shape == indices.shape == (n, k)
+        ref_values, ref_indices = oracle(query, bank, k)
+        case = f"N={n} K={num_keys} D={d} k={k} splits={num_splits}"
+        assert torch.equal(values.double().cpu(), ref_values), case
+        assert torch.equal(indices.cpu(), ref_indices), case
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_continuous_values_match_to_rounding(device: str, dtype: torch.dtype) -> None:
+    """Random unit vectors: values equal the fp64 top-k to fp32 rounding and the indices point at those values."""
+    gen = torch.Generator().manual_seed(1)
+    n, num_keys, d, k = (6, 90, 64, 17) if device == "cpu" else (256, 100000, 128, 10)
+    unit = lambda m: torch.nn.functional.normalize(torch.randn(m, d, generator=gen, dtype=torch.float64), dim=1)
+    query, bank = unit(n).to(device, dtype), unit(num_keys).to(device, dtype)
+    values, indices = bank_topk(query, bank, k, num_splits=3, **_launch_kwargs(device))
+    ref_values, _ = oracle(query, bank, k)
+    torch.testing.assert_close(values.double().cpu(), ref_values, rtol=0, atol=2e-6)
+    sims = query.double().cpu() @ bank.double().cpu().T
+    torch.testing.assert_close(sims.gather(1, indices.cpu()), values.double().cpu(), rtol=0, atol=2e-6)
+    assert (values[:, 1:] <= values[:, :-1]).all()
+    assert all(len(set(row)) == k for row in indices.cpu().tolist())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_result_independent_of_splits_and_blocks(device: str) -> None:
+    """Keys are unique (value, index) pairs, so the selection is a function of the candidate set: bit-identical
+    across split counts, tile sizes and repeated launches."""
+    gen = torch.Generator().manual_seed(2)
+    query, bank = _quarters(10, 32, torch.float32, device, gen), _quarters(120, 32, torch.float32, device, gen)
+    runs = [
+        bank_topk(query, bank, 5, num_splits=1, block_n=16, block_k=16),
+        bank_topk(query, bank, 5, num_splits=1, block_n=16, block_k=16),
+        bank_topk(query, bank, 5, num_splits=4, block_n=16, block_k=32),
+        bank_topk(query, bank, 5, num_splits=7, block_n=16, block_k=16),
+    ]
+    for values, indices in runs[1:]:
+        assert torch.equal(values, runs[0][0]) and torch.equal(indices, runs[0][1])
+
+
+def test_negative_and_signed_zero_values_order() -> None:
+    """The float->int key transform orders negative, zero and positive values like the floats (ties: lower index)."""
+    device = DEVICES[0] if DEVICES else pytest.skip("no Triton device")
+    query = torch.ones(1, 16, device=device)
+    # Dot products: -2, -0.5, 0, 0 (a -0.0 entry still sums to +0.0), 1.5, -2 (tie with index 0), 0.25.
+    rows = [-2.0, -0.5, 0.0, -0.0, 1.5, -2.0, 0.25]
+    bank = torch.zeros(len(rows), 16, device=device)
+    bank[:, 0] = torch.tensor(rows)
+    values, indices = bank_topk(query, bank, 7, num_splits=2, **_launch_kwargs(device))
+    assert indices.cpu().tolist() == [[4, 6, 2, 3, 1, 0, 5]]
+    assert values.cpu().tolist() == [[1.5, 0.25, 0.0, 0.0, -0.5, -2.0, -2.0]]
+
+
+def test_rejects_bad_input() -> None:
+    q = torch.zeros(3, 32)
+    with pytest.raises(ValueError, match="k must be"):
+        bank_topk(q, torch.zeros(4, 32), 5)
+    with pytest.raises(ValueError, match="k must be"):
+        bank_topk(q, torch.zeros(4, 32), 0)
+    with pytest.raises(ValueError, match="feature dims"):
+        bank_topk(q, torch.zeros(4, 16), 1)
+    with pytest.raises(TypeError, match="fp16, bf16 or fp32"):
+        bank_topk(q.double(), torch.zeros(4, 32), 1)
+    with pytest.raises(NotImplementedError, match="fp32 banks"):
+        bank_topk(torch.zeros(3, 256), torch.zeros(4, 256), 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bank_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_queries_over_16bit_bank(device: str, bank_dtype: torch.dtype) -> None:
+    """fp32 queries split into 16-bit terms: values match the fp64 top-k to fp32 rounding."""
+    _skip_unsupported(device, bank_dtype)
+    gen = torch.Generator().manual_seed(5)
+    n, num_keys, d, k = (5, 60, 64, 5) if device == "cpu" else (256, 50000, 128, 10)
+    query = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1).float()
+    bank = torch.nn.functional.normalize(torch.randn(num_keys, d, generator=gen, dtype=torch.float64), dim=1)
+    query, bank = query.to(device), bank.to(device, bank_dtype)
+    values, indices = bank_topk(query, bank, k, num_splits=2, **_launch_kwargs(device))
+    ref_values, _ = oracle(query, bank, k)
+    torch.testing.assert_close(values.double().cpu(), ref_values, rtol=0, atol=2e-6)
+    sims = query.double().cpu() @ bank.double().cpu().T
+    torch.testing.assert_close(sims.gather(1, indices.cpu()), values.double().cpu(), rtol=0, atol=2e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU: a bank with more than 2^31 elements (4 GB fp16)")
+def test_int64_offsets_beyond_2pow31_elements() -> None:
+    """K·D > 2^31: the best matches sit in rows past the int32 offset range."""
+    k, d = 2**22 + 3, 512
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    bank = torch.nn.functional.normalize(torch.randn(k, d, device="cuda", generator=gen), dim=1).half()
+    query = bank[[-1, -2, -3]].float()
+    values, indices = bank_topk(query, bank, 4)
+    assert indices[:, 0].tolist() == [k - 1, k - 2, k - 3]
+    sims = torch.cat([query.double() @ chunk.double().T for chunk in bank.split(2**20)], dim=1)
+    ref_values = torch.sort(sims, dim=1, descending=True, stable=True).values[:, :4]
+    torch.testing.assert_close(values.double(), ref_values, rtol=0, atol=2e-6)

@@ -1,0 +1,114 @@
+"""Training configs: every shipped recipe loads; unknown keys, bad values and missing paths fail with the key named."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastssl.cli import main
+from fastssl.train.config import ConfigError, load_config, shipped_configs
+
+
+def test_every_shipped_config_loads(tmp_path):
+    names = shipped_configs()
+    assert {
+        "digits_demo",
+        "isd_r18_imagenet",
+        "isd_r50_plus_imagenet",
+        "msf_r50_ws_128k",
+        "msf_r50_ws_1m",
+        "ressl_r50_imagenet",
+        "ressl_r50_multicrop",
+        "sdssl_vit_s16_mocov3",
+        "sdssl_vit_b16_mocov3",
+        "sdssl_vit_s16_byol",
+        "mocov2_r50_imagenet",
+        "byol_asym_r50_imagenet",
+        "nnclr_r50_imagenet",
+        "isd_r18_cifar",
+        "msf_r18_cifar",
+        "ressl_r18_cifar",
+        "mocov2_r18_cifar",
+    } <= set(names)
+    for name in names:
+        config = load_config(name, [f"data.path={tmp_path}"])  # ignored by the digits configs
+        if not name.endswith("_base"):
+            assert config.run.name == name
+
+
+def test_recipes_carry_the_papers_hyperparameters(tmp_path):
+    isd = load_config("isd_r50_plus_imagenet", [f"data.path={tmp_path}"])
+    assert (isd.method.tau_student, isd.method.tau_teacher, isd.method.bank_size, isd.method.momentum) == (
+        0.1,
+        0.01,
+        128000,
+        0.99,
+    )
+    assert isd.data.views == "weak_strong" and isd.model.projector == [4096, 512]
+    msf = load_config("msf_r50_ws_1m_k10", [f"data.path={tmp_path}"])
+    assert (msf.method.bank_size, msf.method.k, msf.optim.lr) == (1024000, 10, 0.05)
+    sdssl = load_config("sdssl_vit_s16_byol", [f"data.path={tmp_path}"])
+    assert (sdssl.method.sdssl_base, sdssl.optim.name, sdssl.optim.warmup_epochs, sdssl.run.epochs) == (
+        "byol",
+        "adamw",
+        40,
+        300,
+    )
+    r18 = load_config("isd_r18_imagenet", [f"data.path={tmp_path}"])
+    assert r18.model.projector == [] and r18.optim.schedule == "step" and r18.method.tau_teacher == 0.02
+
+
+def test_overrides_are_typed():
+    config = load_config(
+        "tiny_isd",
+        [
+            "optim.lr=0.3",
+            "model.projector=[16,8]",
+            "run.resume=none",
+            "data.views=[digits_weak,digits_strong]",
+            "run.deterministic=true",
+        ],
+    )
+    assert config.optim.lr == 0.3 and config.model.projector == [16, 8] and config.run.resume is None
+    assert config.data.views == ["digits_weak", "digits_strong"] and config.run.deterministic is True
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["optim.lrr=0.1"], r"unknown key 'optim.lrr'"),
+        (["training.lr=0.1"], r"unknown key 'training.lr'"),
+        (["optim.lr=fast"], r"optim.lr: expected a number"),
+        (["run.epochs=1.5"], r"run.epochs: expected an integer"),
+        (["optim.lr=-1"], r"optim.lr: must be positive"),
+        (["method.name=simclr"], r"method.name: must be one of"),
+        (["method.momentum=1.5"], r"method.momentum"),
+        (["data.views=nonsense"], r"data.views: unknown view preset 'nonsense'"),
+        (["method.k=9999"], r"method.k"),
+        (["run.deterministic=maybe"], r"run.deterministic: expected true or false"),
+        (["lr"], r"SECTION.KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny_isd", overrides)
+
+
+def test_missing_data_path_fails_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config("isd_r50_plus_imagenet")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        load_config("isd_r50_plus_imagenet", [f"data.path={tmp_path / 'missing'}"])
+
+
+def test_unknown_config_and_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config 'nope'"):
+        load_config("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'optim.learning_rate'"):
+        load_config(str(bad))
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert main(["train", "--config", "tiny_isd", "optim.lrr=1"]) == 2
+    assert "unknown key 'optim.lrr'" in capsys.readouterr().err

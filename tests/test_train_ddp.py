@@ -1,0 +1,64 @@
+"""A real 2-process torchrun (gloo) training run: every rank ends with identical banks and weights."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(out_dir: str) -> None:
+    """Runs under torchrun: train, then save this rank's final state for the test to compare."""
+    from fastssl.train.config import load_config
+    from fastssl.train.distributed import teardown_distributed
+    from fastssl.train.trainer import Trainer
+
+    config = load_config("tiny_msf", [f"run.out_dir={out_dir}", "run.max_steps=4", "run.deterministic=true"])
+    trainer = Trainer(config)
+    result = trainer.fit()
+    rank = int(os.environ["RANK"])
+    torch.save({"method": trainer.method.state_dict(), "losses": result["losses"]}, Path(out_dir) / f"rank{rank}.pt")
+    teardown_distributed()
+
+
+def test_two_rank_torchrun_keeps_banks_and_weights_identical(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        __file__,
+        str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    states = [r["method"] for r in ranks]
+    bank = "criterion.bank.queue"
+    assert torch.equal(states[0][bank], states[1][bank])
+    assert torch.equal(states[0]["criterion.bank.label_queue"], states[1]["criterion.bank.label_queue"])
+    assert int(states[0]["criterion.bank.ptr"]) == (4 * 2 * 32) % 256  # both ranks' keys were gathered
+    for name, value in states[0].items():
+        if (
+            name.startswith(("backbone.", "projector.", "predictor.", "teacher_"))
+            and "running" not in name
+            and "num_batches" not in name
+        ):
+            assert torch.equal(value, states[1][name]), name
+    assert (tmp_path / "tiny_msf" / "checkpoints").is_dir()  # rank 0 wrote the checkpoints
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
