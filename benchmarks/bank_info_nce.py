@@ -14,6 +14,7 @@ Usage: python benchmarks/bank_info_nce.py [--shapes targets] [--smoke]
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -36,23 +37,10 @@ TARGETS = [(256, 1048576, 128)]
 SMOKE = [(6, 200, 32)]
 
 
-def _sdpa_stats(x: torch.Tensor, bank: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lse (N,), μ (N, D)) of softmax(x·Bᵀ/τ) by one fused attention call with V = K = bank."""
-    q = x.to(bank.dtype)[None, None]
-    kv = bank[None, None]
-    if x.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, kv, kv, None, True, 0.0, False, scale=1.0 / tau
-        )[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, False, scale=1.0 / tau)
-    return lse[0, 0].float(), out[0, 0].float()
-
-
 class _SdpaInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-        lse_bank, mu_bank = _sdpa_stats(q, bank, TAU)
+        lse_bank, mu_bank = harness.sdpa_bank_stats(q, bank, TAU)
         z_pos = (q * k).sum(1) / TAU
         lse = torch.logaddexp(lse_bank, z_pos)
         w_pos = torch.exp(z_pos - lse)[:, None]
@@ -85,81 +73,30 @@ def providers(smoke: bool) -> dict[str, Callable]:
     }
 
 
-def run(args) -> list[dict]:
-    device = "cpu" if args.smoke else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    shapes = SMOKE if args.smoke else (TARGETS if args.shapes == "targets" else FULL)
-    provs = providers(args.smoke)
-    if args.providers:
-        provs = {k: v for k, v in provs.items() if k in args.providers.split(",") or k == "reference"}
-    rows: list[dict] = []
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    for n, k, d in shapes:
-        bank = F.normalize(torch.randn(k, d, generator=gen), dim=1).to(device, torch.float16)
-        student = torch.randn(n, d, generator=gen).to(device)  # the query
-        teacher = torch.randn(n, d, generator=gen).to(device)  # the positive key
-        for mode in ("forward", "forward+backward"):
-            ref_loss = ref_grad = None
-            for name, fn in provs.items():
-                if name == "compile" and args.compile_targets_only and (n, k, d) not in TARGETS:
-                    continue
-                row = {"op": STEM, "mode": mode, "N": n, "K": k, "D": d, "provider": name, "bank_dtype": "fp16"}
-                s = student.clone().requires_grad_(mode != "forward")
-
-                def step(fn=fn, s=s, teacher=teacher, bank=bank) -> torch.Tensor:
-                    loss = fn(s, teacher, bank)
-                    if s.requires_grad:
-                        s.grad = None
-                        loss.backward()
-                    return loss
-
-                try:
-                    loss = step().detach()
-                    grad = s.grad.detach().clone() if s.grad is not None else None
-                except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as exc:
-                    row.update(ms=None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-                    rows.append(harness.add_roofline(row, flops=4.0 * n * k * d, bank_bytes=2.0 * k * d))
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                if name == "reference":
-                    ref_loss, ref_grad = loss, grad
-                if ref_loss is not None:
-                    row["loss_err"] = abs(loss.item() - ref_loss.item())
-                    if grad is not None and ref_grad is not None:
-                        row["grad_err"] = (grad - ref_grad).abs().max().item() / ref_grad.abs().max().item()
-                    row["matches_reference"] = row["loss_err"] <= 2e-3 * max(1.0, abs(ref_loss.item())) and (
-                        row.get("grad_err", 0.0) <= 2e-2
-                    )
-                row["ms"] = harness.time_ms(
-                    step, warmup=args.warmup, rep=args.rep, device=device, min_calls=1 if args.smoke else 3
-                )
-                row["peak_mb"] = harness.peak_memory_mb(step, device=device)
-                rows.append(harness.add_roofline(row, flops=4.0 * n * k * d, bank_bytes=2.0 * k * d))
-                print(harness.markdown_table([row]).splitlines()[-1], flush=True)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    harness.add_speedups(rows)
-    return rows
+def run(args: argparse.Namespace) -> list[dict]:
+    """Every provider on the selected shapes, forward and forward+backward (see harness.run_loss_matrix)."""
+    return harness.run_loss_matrix(
+        args,
+        stem=STEM,
+        providers=providers(args.smoke),
+        shapes=harness.pick_shapes(args, full=FULL, targets=TARGETS, smoke=SMOKE),
+        targets=TARGETS,
+        flops_per_nkd=4.0,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = harness.add_matrix_options(harness.base_parser(__doc__.splitlines()[0])).parse_args(argv)
-    if args.smoke:
-        args.warmup, args.rep = 0.0, 1.0
+    parser = harness.add_matrix_options(harness.base_parser(__doc__.splitlines()[0]))
+    args = harness.parse_matrix_args(parser, argv)
     rows = run(args)
-    env = harness.environment("cpu" if args.smoke else args.device)
-    out_dir = args.out_dir or (harness.SMOKE_DIR if args.smoke else None)
     notes = (
         "FLOPs: 4·N·K·D (logits and μ of the queries). Floor: H100 989 TFLOP/s fp16 dense, one fp16 bank read at "
         "3.35 TB/s. Target (issue 3): N=256, K=2^20, D=128 forward+backward ≤ 0.25 ms."
     )
     targets = [{"mode": "forward+backward", "N": 256, "K": 1048576, "D": 128, "max_ms": 0.25}]
-    notes += "\n\nTargets (triton):\n" + harness.check_targets(rows, targets)
-    paths = harness.write_results(
-        STEM, rows, title="MoCo InfoNCE against a memory bank", plot=lambda r: harness.plot_providers(r, STEM),
-        out_dir=out_dir, env=env, notes=notes,
-    )  # fmt: skip
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    harness.write_matrix_results(
+        args, STEM, rows, title="MoCo InfoNCE against a memory bank", notes=notes, targets=targets
+    )
     return 0
 
 

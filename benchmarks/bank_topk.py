@@ -13,6 +13,7 @@ Usage: python benchmarks/bank_topk.py [--shapes targets] [--smoke] [--k 10]
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -86,59 +87,56 @@ def providers(smoke: bool, device: str) -> dict[str, Callable]:
     return out
 
 
-def run(args) -> list[dict]:
-    device = "cpu" if args.smoke else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    shapes = SMOKE if args.smoke else (TARGETS if args.shapes == "targets" else FULL)
+def compare_values(
+    result: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor], provider: str
+) -> dict:
+    """Largest absolute difference of the top-k similarity values; a match is within the provider's tolerance."""
+    value_err = (result[0].float().cpu() - reference[0].float().cpu()).abs().max().item()
+    return {"value_err": value_err, "matches_reference": value_err <= VALUE_TOL.get(provider, 1e-5)}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Every provider on the selected shapes, forward only, ``args.k`` neighbours per query (see harness.run_matrix)."""
+    device = harness.bench_device(args)
     provs = providers(args.smoke, device)
     if "faiss" not in provs:
         print("faiss: not measured (FAISS-GPU not importable here)", flush=True)
-    if args.providers:
-        provs = {k: v for k, v in provs.items() if k in args.providers.split(",") or k == "reference"}
-    rows: list[dict] = []
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    for n, num_keys, d in shapes:
-        bank = F.normalize(torch.randn(num_keys, d, generator=gen), dim=1).to(device, torch.float16)
+
+    def make_inputs(shape: harness.Shape, gen: torch.Generator, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        n, num_keys, d = shape
+        bank = harness.random_bank(num_keys, d, gen, device)
         query = torch.randn(n, d, generator=gen).to(device)
-        ref_values = None
-        for name, fn in provs.items():
-            if name == "compile" and args.compile_targets_only and (n, num_keys, d) not in TARGETS:
-                continue
-            row = {"op": STEM, "mode": "forward", "N": n, "K": num_keys, "D": d, "k": args.k, "provider": name}
+        return query, bank
 
-            def step(fn=fn, query=query, bank=bank) -> tuple[torch.Tensor, torch.Tensor]:
-                return fn(query, bank, args.k)
+    def new_row(shape: harness.Shape, mode: str, provider: str) -> dict:
+        n, num_keys, d = shape
+        return {"op": STEM, "mode": mode, "N": n, "K": num_keys, "D": d, "k": args.k, "provider": provider}
 
-            try:
-                values, indices = step()
-            except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as exc:
-                row.update(ms=None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-                rows.append(harness.add_roofline(row, flops=2.0 * n * num_keys * d, bank_bytes=2.0 * num_keys * d))
-                continue
-            if name == "reference":
-                ref_values = values
-            if ref_values is not None:
-                row["value_err"] = (values.float().cpu() - ref_values.float().cpu()).abs().max().item()
-                row["matches_reference"] = row["value_err"] <= VALUE_TOL.get(name, 1e-5)
-            row["ms"] = harness.time_ms(
-                step, warmup=args.warmup, rep=args.rep, device=device, min_calls=1 if args.smoke else 3
-            )
-            row["peak_mb"] = harness.peak_memory_mb(step, device=device)
-            rows.append(harness.add_roofline(row, flops=2.0 * n * num_keys * d, bank_bytes=2.0 * num_keys * d))
-            print(harness.markdown_table([row]).splitlines()[-1], flush=True)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    harness.add_speedups(rows)
-    return rows
+    def trial(fn: Callable, inputs: tuple[torch.Tensor, torch.Tensor], mode: str) -> harness.Trial:
+        query, bank = inputs
+        step = lambda: fn(query, bank, args.k)
+        return harness.Trial(step, step)
+
+    return harness.run_matrix(
+        args,
+        device=device,
+        providers=provs,
+        shapes=harness.pick_shapes(args, full=FULL, targets=TARGETS, smoke=SMOKE),
+        targets=TARGETS,
+        modes=("forward",),
+        make_inputs=make_inputs,
+        new_row=new_row,
+        trial=trial,
+        compare=compare_values,
+        flops_per_nkd=2.0,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = harness.add_matrix_options(harness.base_parser(__doc__.splitlines()[0]))
     parser.add_argument("--k", type=int, default=10, help="neighbours per query")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.warmup, args.rep = 0.0, 1.0
+    args = harness.parse_matrix_args(parser, argv)
     rows = run(args)
-    env = harness.environment("cpu" if args.smoke else args.device)
     notes = (
         "FLOPs: 2·N·K·D (similarities). Floor: H100 989 TFLOP/s fp16 dense, one fp16 bank read at 3.35 TB/s. "
         "Target (issue 3): N=256, K=2^20, D=128, k=10 ≤ 0.15 ms and faster than torch mm+topk and FAISS knn_gpu."
@@ -147,12 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         {"mode": "forward", "N": 256, "K": 1048576, "D": 128, "max_ms": 0.15,
          "min_speedup": {"torch_mm": 1.0, "faiss": 1.0}},
     ]  # fmt: skip
-    notes += "\n\nTargets (triton, k=10):\n" + harness.check_targets(rows, targets)
-    paths = harness.write_results(
-        STEM, rows, title="Exact bank top-k", plot=lambda r: harness.plot_providers(r, STEM),
-        out_dir=args.out_dir or (harness.SMOKE_DIR if args.smoke else None), env=env, notes=notes,
-    )  # fmt: skip
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    harness.write_matrix_results(
+        args,
+        STEM,
+        rows,
+        title="Exact bank top-k",
+        notes=notes,
+        targets=targets,
+        targets_heading="Targets (triton, k=10)",
+    )
     return 0
 
 

@@ -12,6 +12,12 @@ Timing uses ``triton.testing.do_bench`` on CUDA (it flushes L2 between repetitio
 ``time.perf_counter`` median on CPU. Memory is the CUDA ``max_memory_allocated`` delta on GPU; on CPU, whole-process
 peak RSS is measured in a subprocess (:func:`subprocess_peak_rss_mb`), because RSS of the benchmarking process itself
 only ever grows.
+
+The bank ops' provider × shape matrix benchmarks (``bank_info_nce``, ``soft_bank_cross_entropy``, ``bank_topk``)
+share their loop here too: :func:`run_matrix` checks every provider against the reference before timing it and
+fills the timing, memory, roofline and speedup columns; :func:`run_loss_matrix` specialises it to the bank losses;
+:func:`write_matrix_results` writes the files with the performance targets checked. Each script keeps only its
+providers, shapes, FLOP count and targets.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 # Datasheet numbers of the H100 SXM used for "% of the one-pass floor" in every table.
 H100_FP16_DENSE_TFLOPS = 989.0
@@ -425,3 +432,251 @@ def add_matrix_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="measure torch.compile only on the target shapes (it recompiles for every shape, tens of seconds each)",
     )
     return p
+
+
+def parse_matrix_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse a benchmark command line; ``--smoke`` shrinks the time budgets to one call each."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.warmup, args.rep = 0.0, 1.0
+    return args
+
+
+def bench_device(args: argparse.Namespace) -> str:
+    """Device the matrix runs on: cpu for ``--smoke``, else ``--device``, else cuda when available."""
+    return "cpu" if args.smoke else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+Shape = tuple[int, int, int]  # (N queries, K bank rows, D feature width)
+
+
+def pick_shapes(
+    args: argparse.Namespace, *, full: list[Shape], targets: list[Shape], smoke: list[Shape]
+) -> list[Shape]:
+    """The shapes selected by ``--smoke`` / ``--shapes``."""
+    return smoke if args.smoke else (targets if args.shapes == "targets" else full)
+
+
+def select_providers(providers: dict[str, Callable], selection: str | None) -> dict[str, Callable]:
+    """The providers named in ``--providers`` (comma-separated; all when None); the reference is always kept."""
+    if not selection:
+        return providers
+    names = selection.split(",")
+    return {k: v for k, v in providers.items() if k in names or k == "reference"}
+
+
+def random_bank(num_keys: int, d: int, generator: torch.Generator, device: str) -> torch.Tensor:
+    """Unit-norm random fp16 memory bank (K, D), drawn on CPU so every device sees the same numbers."""
+    return F.normalize(torch.randn(num_keys, d, generator=generator), dim=1).to(device, torch.float16)
+
+
+def sdpa_bank_stats(x: torch.Tensor, bank: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse (N,), μ (N, D)) of softmax(x·Bᵀ/τ) by one fused attention call with V = K = bank.
+
+    The building block of the ``sdpa`` provider of the bank losses: x (N, D), bank (K, D); both results fp32.
+    """
+    q = x.to(bank.dtype)[None, None]
+    kv = bank[None, None]
+    if x.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, kv, kv, None, True, 0.0, False, scale=1.0 / tau
+        )[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, False, scale=1.0 / tau)
+    return lse[0, 0].float(), out[0, 0].float()
+
+
+class Trial(NamedTuple):
+    """One provider on one (shape, mode) cell of the matrix."""
+
+    step: Callable[[], Any]
+    """The timed call."""
+    first_run: Callable[[], Any]
+    """Runs ``step`` once and returns what :func:`run_matrix` compares with the reference's."""
+
+
+# Failures that make a row an error row instead of aborting the run (a provider that cannot run a shape).
+PROVIDER_ERRORS = (RuntimeError, NotImplementedError, torch.OutOfMemoryError)
+
+
+def _release_cache(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_matrix(
+    args: argparse.Namespace,
+    *,
+    device: str,
+    providers: dict[str, Callable],
+    shapes: list[Shape],
+    targets: list[Shape],
+    modes: Sequence[str],
+    make_inputs: Callable[[Shape, torch.Generator, str], Any],
+    new_row: Callable[[Shape, str, str], dict[str, Any]],
+    trial: Callable[[Callable, Any, str], Trial],
+    compare: Callable[[Any, Any, str], dict[str, Any]],
+    flops_per_nkd: float,
+) -> list[dict[str, Any]]:
+    """Measure every provider on every shape and mode, each checked against the reference before it is timed.
+
+    The reference must come first in ``providers``: its result is what later providers are compared with (a failing
+    reference leaves the cell uncompared). A provider that raises one of :data:`PROVIDER_ERRORS` on its first run
+    gives a row with ``ms=None`` and ``error``; the run goes on. ``compile`` is skipped off the target shapes under
+    ``--compile-targets-only``. Each measured row is printed as it is done.
+
+    Args:
+        args: parsed matrix command line (:func:`add_matrix_options`).
+        device: where the inputs live and the timing runs.
+        providers: name -> callable, filtered by ``--providers``.
+        shapes: (N, K, D) shapes to run; ``targets`` are the issue's target shapes.
+        modes: e.g. ``("forward", "forward+backward")``; the reference result is reset per mode.
+        make_inputs: (shape, generator, device) -> the op's inputs, drawn once per shape from one seeded generator.
+        new_row: (shape, mode, provider) -> the row's identifying fields, in column order.
+        trial: (provider callable, inputs, mode) -> :class:`Trial`.
+        compare: (result, reference result, provider) -> error columns, including ``matches_reference``.
+        flops_per_nkd: useful FLOPs per N·K·D for the roofline (the bank is read once in fp16: 2·K·D bytes).
+
+    Returns:
+        The rows, with timing, memory, roofline and ``triton_speedup`` columns.
+    """
+    providers = select_providers(providers, args.providers)
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for shape in shapes:
+        n, k, d = shape
+        cost = {"flops": flops_per_nkd * n * k * d, "bank_bytes": 2.0 * k * d}
+        inputs = make_inputs(shape, gen, device)
+        for mode in modes:
+            reference = None
+            for name, fn in providers.items():
+                if name == "compile" and args.compile_targets_only and shape not in targets:
+                    continue
+                row = new_row(shape, mode, name)
+                cell = trial(fn, inputs, mode)
+                try:
+                    result = cell.first_run()
+                except PROVIDER_ERRORS as exc:
+                    row.update(ms=None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                    rows.append(add_roofline(row, **cost))
+                    _release_cache(device)
+                    continue
+                if name == "reference":
+                    reference = result
+                if reference is not None:
+                    row.update(compare(result, reference, name))
+                row["ms"] = time_ms(
+                    cell.step, warmup=args.warmup, rep=args.rep, device=device, min_calls=1 if args.smoke else 3
+                )
+                row["peak_mb"] = peak_memory_mb(cell.step, device=device)
+                rows.append(add_roofline(row, **cost))
+                print(markdown_table([row]).splitlines()[-1], flush=True)
+            _release_cache(device)
+    add_speedups(rows)
+    return rows
+
+
+def loss_trial(fn: Callable, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], mode: str) -> Trial:
+    """Trial of a bank loss ``fn(student (N, D), teacher (N, D), bank (K, D)) -> scalar``.
+
+    In ``forward+backward`` mode the step also back-propagates into a fresh copy of the student; the first run
+    returns (loss, student gradient or None).
+    """
+    student, teacher, bank = inputs
+    s = student.clone().requires_grad_(mode != "forward")
+
+    def step() -> torch.Tensor:
+        loss = fn(s, teacher, bank)
+        if s.requires_grad:
+            s.grad = None
+            loss.backward()
+        return loss
+
+    def first_run() -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss = step().detach()
+        return loss, (s.grad.detach().clone() if s.grad is not None else None)
+
+    return Trial(step, first_run)
+
+
+def compare_loss_and_grad(
+    result: tuple[torch.Tensor, torch.Tensor | None], reference: tuple[torch.Tensor, torch.Tensor | None], provider: str
+) -> dict[str, Any]:
+    """Absolute loss error and max-relative gradient error against the reference.
+
+    A match is loss within 2e-3 (relative to max(1, |loss|)) and gradient within 2e-2 of the reference's largest entry.
+    """
+    (loss, grad), (ref_loss, ref_grad) = result, reference
+    out: dict[str, Any] = {"loss_err": abs(loss.item() - ref_loss.item())}
+    if grad is not None and ref_grad is not None:
+        out["grad_err"] = (grad - ref_grad).abs().max().item() / ref_grad.abs().max().item()
+    out["matches_reference"] = out["loss_err"] <= 2e-3 * max(1.0, abs(ref_loss.item())) and (
+        out.get("grad_err", 0.0) <= 2e-2
+    )
+    return out
+
+
+def run_loss_matrix(
+    args: argparse.Namespace,
+    *,
+    stem: str,
+    providers: dict[str, Callable],
+    shapes: list[Shape],
+    targets: list[Shape],
+    flops_per_nkd: float,
+) -> list[dict[str, Any]]:
+    """:func:`run_matrix` for a bank loss ``fn(student, teacher, bank)``, forward and forward+backward.
+
+    Per shape the fp16 bank, the student and the teacher (N, D) are drawn in that order; rows are labelled
+    ``bank_dtype="fp16"``.
+    """
+
+    def make_inputs(shape: Shape, gen: torch.Generator, device: str) -> tuple[torch.Tensor, ...]:
+        n, k, d = shape
+        bank = random_bank(k, d, gen, device)
+        student = torch.randn(n, d, generator=gen).to(device)
+        teacher = torch.randn(n, d, generator=gen).to(device)
+        return student, teacher, bank
+
+    def new_row(shape: Shape, mode: str, provider: str) -> dict[str, Any]:
+        n, k, d = shape
+        return {"op": stem, "mode": mode, "N": n, "K": k, "D": d, "provider": provider, "bank_dtype": "fp16"}
+
+    return run_matrix(
+        args,
+        device=bench_device(args),
+        providers=providers,
+        shapes=shapes,
+        targets=targets,
+        modes=("forward", "forward+backward"),
+        make_inputs=make_inputs,
+        new_row=new_row,
+        trial=loss_trial,
+        compare=compare_loss_and_grad,
+        flops_per_nkd=flops_per_nkd,
+    )
+
+
+def write_matrix_results(
+    args: argparse.Namespace,
+    stem: str,
+    rows: list[dict[str, Any]],
+    *,
+    title: str,
+    notes: str,
+    targets: list[dict[str, Any]],
+    targets_heading: str = "Targets (triton)",
+) -> dict[str, Path]:
+    """Write a matrix benchmark's files (:func:`write_results`) with a provider plot and the targets checked.
+
+    ``--smoke`` runs are labelled with the CPU and go to :data:`SMOKE_DIR` unless ``--out-dir`` says otherwise.
+    ``targets`` are :func:`check_targets` dicts, listed below ``notes`` under ``targets_heading``.
+    """
+    env = environment("cpu" if args.smoke else args.device)
+    out_dir = args.out_dir or (SMOKE_DIR if args.smoke else None)
+    notes += f"\n\n{targets_heading}:\n" + check_targets(rows, targets)
+    paths = write_results(
+        stem, rows, title=title, plot=lambda r: plot_providers(r, stem), out_dir=out_dir, env=env, notes=notes
+    )
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return paths

@@ -35,8 +35,6 @@ def oracle(query, bank, k):
 )
 @pytest.mark.parametrize("bank_dtype", [torch.float32, torch.float16])
 def test_matches_oracle(backend, n, k_bank, d, k, bank_dtype, small_chunks):
-    if backend == "triton" and DEVICE.type == "cpu" and k > 5:
-        pytest.skip("large k in Triton's interpreter takes minutes; tests/test_kernels_bank_topk.py covers k up to 64")
     g = torch.Generator().manual_seed(n * k_bank + k)
     query = torch.randn(n, d, generator=g).to(DEVICE)
     bank = F.normalize(torch.randn(k_bank, d, generator=g), dim=1).to(DEVICE, bank_dtype)
@@ -49,13 +47,16 @@ def test_matches_oracle(backend, n, k_bank, d, k, bank_dtype, small_chunks):
 
 @pytest.mark.parametrize("backend", ["reference", *TOPK_BACKENDS])
 def test_ties_go_to_the_lower_index(backend, small_chunks):
-    """A bank with many exact duplicates across chunk boundaries: equal values must list lower indices first."""
+    """A bank with many exact duplicates across chunk boundaries: equal values must list lower indices first.
+
+    Small-integer vectors (used as given, normalize=False) make every dot product exact in any summation order, so the
+    ties are in the data and not an accident of how a matmul rounds two identical rows."""
     g = torch.Generator().manual_seed(0)
-    distinct = F.normalize(torch.randn(4, 16, generator=g), dim=1)
+    distinct = torch.randint(-3, 4, (4, 16), generator=g).float()
     pattern = torch.tensor([3, 1, 0, 2, 1, 1, 3, 0, 2, 1, 0, 3, 1, 2, 0, 1, 1, 3, 2, 0, 1, 3, 3, 1, 0])
     bank = distinct[pattern].to(DEVICE)
     query = distinct[[1, 3, 0]].to(DEVICE)
-    _, indices = bank_topk(query, bank, 12, backend=backend)
+    _, indices = bank_topk(query, bank, 12, normalize=False, backend=backend)
     for row, q in zip(indices.cpu(), [1, 3, 0], strict=True):
         matches = (pattern == q).nonzero().flatten().tolist()
         assert row[: len(matches)].tolist() == matches[:12]

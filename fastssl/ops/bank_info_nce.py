@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fastssl.ops.backend import accumulation_dtype, resolve_backend, triton_serves
 from fastssl.ops.bank_softmax_stats import bank_softmax_stats
-from fastssl.ops.reduction import reduce_rows
+from fastssl.ops.reduction import reduce_rows, scale_saved_gradient
 
 
 def bank_info_nce_reference(
@@ -56,8 +56,7 @@ class BankInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        scale = grad_output[:, None] if ctx.reduction == "none" else grad_output
-        return (grad * scale).to(ctx.query_dtype), None, None, None, None, None
+        return scale_saved_gradient(grad, grad_output, ctx.reduction, ctx.query_dtype), None, None, None, None, None
 
 
 def bank_info_nce(

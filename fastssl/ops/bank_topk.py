@@ -80,13 +80,33 @@ def bank_topk(
     Returns:
         values: (N, k) similarities, descending, fp32 (fp64 for fp64 inputs).
         indices: (N, k) int64 bank indices; equal values are ordered by lower index first.
+
+    Registered as ``fastssl::bank_topk`` for torch.compile; eager calls skip the dispatcher.
     """
     backend = resolve_backend(backend, query, bank, triton_ok=triton_serves(bank, k=k))
-    with torch.no_grad():
-        if backend == "reference":
+    if backend == "reference":
+        with torch.no_grad():
             return bank_topk_reference(query, bank, k)
-        if backend == "streaming":
-            return bank_topk_streaming(query, bank, k)
-        from fastssl.kernels.bank_topk import bank_topk as launch
+    if torch.compiler.is_compiling():
+        return _bank_topk_op(query, bank, k, backend)
+    with torch.no_grad():
+        return _bank_topk_impl(query, bank, k, backend)
 
-        return launch(query.contiguous(), bank if bank.stride(-1) == 1 else bank.contiguous(), k)
+
+def _bank_topk_impl(query: torch.Tensor, bank: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "streaming":
+        return bank_topk_streaming(query, bank, k)
+    from fastssl.kernels.bank_topk import bank_topk as launch
+
+    return launch(query.contiguous(), bank if bank.stride(-1) == 1 else bank.contiguous(), k)
+
+
+@torch.library.custom_op("fastssl::bank_topk", mutates_args=())
+def _bank_topk_op(query: torch.Tensor, bank: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _bank_topk_impl(query, bank, k, backend)
+
+
+@_bank_topk_op.register_fake
+def _(query, bank, k, backend):
+    acc_dtype = accumulation_dtype(query, bank)
+    return query.new_empty(query.shape[0], k, dtype=acc_dtype), query.new_empty(query.shape[0], k, dtype=torch.long)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fastssl.ops.backend import accumulation_dtype, resolve_backend, triton_serves
 from fastssl.ops.bank_softmax_stats import bank_softmax_stats
-from fastssl.ops.reduction import reduce_rows
+from fastssl.ops.reduction import reduce_rows, scale_saved_gradient
 
 
 def soft_bank_cross_entropy_reference(
@@ -88,9 +88,16 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        # One fused multiply; comparing grad_output with 1 first would cost a device sync per step.
-        scale = grad_output[:, None] if ctx.reduction == "none" else grad_output
-        return (grad * scale).to(ctx.student_dtype), None, None, None, None, None, None, None
+        return (
+            scale_saved_gradient(grad, grad_output, ctx.reduction, ctx.student_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def soft_bank_cross_entropy(

@@ -61,5 +61,8 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, step: i
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Loads a checkpoint written by :func:`save_checkpoint` (on the CPU; the trainer moves tensors)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Loads a checkpoint written by :func:`save_checkpoint` (on the CPU; the trainer moves tensors).
+
+    Checkpoints hold only tensors and plain Python values, so the safe ``weights_only`` loader reads them.
+    """
+    return torch.load(path, map_location="cpu", weights_only=True)
