@@ -2,7 +2,8 @@
 
 Run on a CUDA machine from the repository root (installs nothing, needs no network):
 
-    python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py            # kernel + loss tests compiled with bf16, then the op benchmarks
+    python benchmarks/gpu_check.py --extra    # second command: kNN at ImageNet scale and the training step
 
 Writes under benchmarks/results/<device>/: pytest_gpu.log and pytest_gpu.xml (kernel tests compiled, with bf16, and
 the core loss tests with the triton backend), the three benchmark result sets (.json/.md/.png),
@@ -39,6 +40,12 @@ BENCHMARKS = [
     ("soft_bank_cross_entropy.py", ["--compile-targets-only"], 150),
     ("bank_info_nce.py", ["--compile-targets-only"], 90),
     ("bank_topk.py", ["--compile-targets-only"], 90),
+]
+# Run with --extra as a second command (each device command is limited to 10 minutes): kNN evaluation at ImageNet
+# scale (torch chunked vs fastssl Triton; FAISS where installed) and the training-step throughput / bank-loss share.
+EXTRA_BENCHMARKS = [
+    ("bench_knn.py", [], 240),
+    ("bench_train_step.py", [], 240),
 ]
 
 
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-benchmarks", action="store_true")
+    parser.add_argument("--extra", action="store_true", help="run only the kNN and training-step benchmarks")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA device; on CPU run `pytest` and the benchmarks' --smoke mode", file=sys.stderr)
@@ -101,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = harness.results_dir(env["device"])
     steps: list[dict] = []
     t_start = time.perf_counter()
+    if args.extra:
+        for script, extra, limit in EXTRA_BENCHMARKS:
+            cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--out-dir", str(out_dir), *extra]
+            steps.append(_run(cmd, limit, out_dir / f"{Path(script).stem}.log"))
+        args.skip_tests = args.skip_benchmarks = True
     if not args.skip_tests:
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "--durations=15", f"--junitxml={out_dir / 'pytest_gpu.xml'}"]
         steps.append(_run(cmd + [t for t in GPU_TESTS if (ROOT / t).exists()], 240, out_dir / "pytest_gpu.log"))
@@ -115,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - recorded, the results above stay valid
             steps.append({"cmd": "config_sweep", "returncode": f"{type(exc).__name__}: {exc}"[:300]})
     summary = {"environment": env, "steps": steps, "total_seconds": round(time.perf_counter() - t_start, 1)}
-    (out_dir / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    summary_name = "gpu_check_extra.json" if args.extra else "gpu_check.json"
+    (out_dir / summary_name).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(summary, indent=2))
     return 0 if all(s["returncode"] == 0 for s in steps) else 1
 

@@ -8,16 +8,24 @@ from torch import nn
 
 
 class DigitsCNN(nn.Module):
-    """A 3-conv CNN for 16x16 inputs (the CPU demo): 3→w→2w→4w channels, global average pooled to 4w features."""
+    """A small CNN for 16x16 inputs (the CPU demo): 3x3 conv-BN-ReLU blocks, global average pooled.
 
-    def __init__(self, width: int = 32) -> None:
+    The default is 3 convs, 3→w→2w→4w channels at strides 1, 2, 2: a cell of the final 4x4 map sees 9x9 px.
+    ``extra_blocks`` appends stride-1 4w→4w convs on that map, each widening the view by 8 px (17x17 with one), so
+    that one feature sees a whole 8-12 px digit wherever it sits on the canvas.
+    """
+
+    def __init__(self, width: int = 32, extra_blocks: int = 0) -> None:
         super().__init__()
         self.feature_dim = 4 * width
 
         def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
-        self.body = nn.Sequential(*block(3, width, 1), *block(width, 2 * width, 2), *block(2 * width, 4 * width, 2))
+        layers = block(3, width, 1) + block(width, 2 * width, 2) + block(2 * width, 4 * width, 2)
+        for _ in range(extra_blocks):
+            layers += block(4 * width, 4 * width, 1)
+        self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).mean(dim=(2, 3))
@@ -52,6 +60,10 @@ def build_backbone(arch: str, *, cifar_stem: bool = False) -> nn.Module:
         return DigitsCNN()
     if arch == "digits_cnn_small":
         return DigitsCNN(width=16)
+    if arch == "digits_cnn4_small":
+        return DigitsCNN(width=16, extra_blocks=1)
+    if arch == "digits_cnn4":
+        return DigitsCNN(width=32, extra_blocks=1)
     if arch == "vit_tiny_digits":
         from timm.models.vision_transformer import VisionTransformer
 
