@@ -114,3 +114,40 @@ def test_compiles_without_spills(usage: dict, spec: tuple) -> None:
     assert isinstance(result, dict), f"compile failed: {result}"
     assert result["LOCAL"] == 0 and result["STACK"] == 0, f"register spills: {result}"
     assert 0 < result["REG"] <= 255
+
+
+def test_every_jit_function_is_compiled_by_the_aot_specs():
+    """Each launched kernel appears in ``aot_specs``; each @triton.jit helper is inlined into one of them, so the
+    compile check above covers it (helpers are listed by name, with the kernel that calls them)."""
+    import importlib
+    import inspect
+
+    launched = {
+        "bank_softmax_stats": {"_bank_softmax_stats_partial_kernel", "_bank_softmax_stats_merge_kernel"},
+        "bank_topk": {"_bank_topk_partial_kernel", "_bank_topk_merge_kernel"},
+    }
+    helpers = {  # helper -> a launched kernel whose source calls it (directly or through another helper)
+        "query_dot": "_bank_softmax_stats_partial_kernel",
+        "split_query": "_bank_softmax_stats_partial_kernel",
+        "_pack_keys": "_bank_topk_partial_kernel",
+        "_topk_rows": "_bank_topk_partial_kernel",
+        "_sort_bitonic_rows": "_bank_topk_merge_kernel",
+        "_bitonic_merge": "_sort_bitonic_rows",
+        "_compare_exchange": "_bitonic_merge",
+        "_upper_bit": "_compare_exchange",
+    }
+    sources = {}
+    for module, kernels in launched.items():
+        mod = importlib.import_module(f"fastssl.kernels.{module}")
+        compiled = {spec["fn"].__name__ for d in DIMS for spec in mod.aot_specs(d, torch.float32, torch.float16)}
+        assert kernels <= compiled, f"{module}: {kernels - compiled} not in aot_specs"
+        for name, obj in vars(mod).items():
+            # JITFunction when compiled, InterpretedFunction under TRITON_INTERPRET=1: both wrap the Python fn.
+            if isinstance(obj, triton.runtime.jit.KernelInterface) and callable(getattr(obj, "fn", None)):
+                sources[name] = inspect.getsource(obj.fn)
+    for helper, caller in helpers.items():
+        assert f"{helper}(" in sources[caller], f"{caller} does not call {helper}"
+    jit_functions = set(sources)
+    assert jit_functions == set(helpers) | set().union(*launched.values()), (
+        "a new @triton.jit function needs a row here"
+    )

@@ -267,12 +267,9 @@ class Trainer:
             )
         started = time.perf_counter()
         images_per_step = self.config.data.batch_size * self.ctx.world_size
-        stop_reason = "finished"
+        stop_reason = self._stop_reason(started)
         try:
-            while self.global_step < self.total_steps and self.epoch < run.epochs:
-                if run.stop_at_step is not None and self.global_step >= run.stop_at_step:
-                    stop_reason = f"stopped at step {run.stop_at_step} (run.stop_at_step)"
-                    break
+            while stop_reason is None and self.epoch < run.epochs:
                 self.loader.resume(self.epoch, self.step_in_epoch)
                 tick = time.perf_counter()
                 for batch in self.loader:
@@ -283,51 +280,55 @@ class Trainer:
                     if self.step_in_epoch == self.steps_per_epoch:
                         self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     now = time.perf_counter()
-                    img_s = images_per_step / max(now - tick, 1e-9)
-                    tick = now
-                    if self.ctx.is_main and (self.global_step % run.log_every == 0 or self.global_step == 1):
-                        self.log.scalars(
-                            self.global_step,
-                            {
-                                "train/loss": loss,
-                                "train/img_per_s": img_s,
-                                **{f"train/{k}": v for k, v in metrics.items()},
-                            },
-                        )
-                    if progress is not None:
-                        shown = {"loss": f"{loss:.4f}", "lr": f"{metrics['lr']:.3g}", "img/s": f"{img_s:.0f}"}
-                        if "purity" in metrics:
-                            shown["purity"] = f"{metrics['purity']:.3f}"
-                        progress.set_postfix(shown, refresh=False)
-                        progress.update(1)
+                    img_s, tick = images_per_step / max(now - tick, 1e-9), now
+                    self._report(loss, metrics, img_s, progress)
                     if run.checkpoint_every and self.global_step % run.checkpoint_every == 0:
                         self.save()
                     if run.knn_every and self.global_step % run.knn_every == 0 and self.global_step < self.total_steps:
                         self.knn(f"step {self.global_step}")
-                    if self.global_step >= self.total_steps:
+                    stop_reason = self._stop_reason(started)
+                    if stop_reason is not None:
                         break
-                    if run.stop_at_step is not None and self.global_step >= run.stop_at_step:
-                        stop_reason = f"stopped at step {run.stop_at_step} (run.stop_at_step)"
-                        break
-                    if run.time_budget_s is not None and time.perf_counter() - started >= run.time_budget_s:
-                        stop_reason = f"time budget of {run.time_budget_s:g} s reached"
-                        break
-                else:
-                    if self.step_in_epoch == 0:
-                        self.save()  # epoch end
-                    continue
-                break
+                if stop_reason is None and self.step_in_epoch == 0:
+                    self.save()  # epoch end
         finally:
             if progress is not None:
                 progress.close()
         elapsed = time.perf_counter() - started
+        stop_reason = stop_reason or "finished"
         self.save()
-        final = self.knn("trained")
-        result = self.summary(losses, elapsed, stop_reason, final)
+        self.knn("trained")
+        result = self.summary(losses, elapsed, stop_reason)
         self.log.close()
         return result
 
-    def summary(self, losses, elapsed, stop_reason, final) -> dict[str, Any]:
+    def _stop_reason(self, started: float) -> str | None:
+        """Why training stops now, or None to go on."""
+        run = self.config.run
+        if self.global_step >= self.total_steps:
+            return "finished"
+        if run.stop_at_step is not None and self.global_step >= run.stop_at_step:
+            return f"stopped at step {run.stop_at_step} (run.stop_at_step)"
+        if run.time_budget_s is not None and time.perf_counter() - started >= run.time_budget_s:
+            return f"time budget of {run.time_budget_s:g} s reached"
+        return None
+
+    def _report(self, loss: float, metrics: dict[str, float], img_s: float, progress) -> None:
+        """Scalars every ``log_every`` steps (and the first), and the progress bar every step (rank 0)."""
+        if not self.ctx.is_main:
+            return
+        if self.global_step % self.config.run.log_every == 0 or self.global_step == 1:
+            scalars = {"train/loss": loss, "train/img_per_s": img_s, **{f"train/{k}": v for k, v in metrics.items()}}
+            self.log.scalars(self.global_step, scalars)
+        if progress is not None:
+            shown = {"loss": f"{loss:.4f}", "lr": f"{metrics['lr']:.3g}", "img/s": f"{img_s:.0f}"}
+            if "purity" in metrics:
+                shown["purity"] = f"{metrics['purity']:.3f}"
+            progress.set_postfix(shown, refresh=False)
+            progress.update(1)
+
+    def summary(self, losses: list[float], elapsed: float, stop_reason: str) -> dict[str, Any]:
+        """The run's result (returned to the caller; on rank 0 also written as metrics.json with the curves PNG)."""
         result = {
             "name": self.config.run.name,
             "method": self.config.method.name,
