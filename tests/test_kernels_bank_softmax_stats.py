@@ -12,13 +12,10 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
-
 pytest.importorskip("triton")
+from conftest import CUDA  # noqa: E402 - conftest has set TRITON_INTERPRET=1 on CPU machines before this import
 from fastssl.kernels.bank_softmax_stats import bank_softmax_stats  # noqa: E402
 
-CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if CUDA else [])
