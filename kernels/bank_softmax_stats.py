@@ -52,9 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .dot_precision import DotPlan, dot_plan, query_dot, split_query
+from .dot_precision import DotPlan, device_arch, dot_plan, query_dot, split_query
 
-__all__ = ["bank_softmax_stats", "StatsConfig", "CONFIGS", "pick_config", "num_splits_for", "aot_specs"]
+__all__ = ["bank_softmax_stats", "StatsConfig", "CONFIGS", "CONFIGS_SM90", "pick_config", "num_splits_for", "aot_specs"]
 
 
 # Largest number of bank splits; bounds the partial buffers (splits × R × D fp32) and the merge tile.
@@ -78,17 +78,25 @@ class StatsConfig:
 # result, identical across processes. The D = 128 and 512 entries are compiled for sm_80 and sm_90 and checked for
 # register spills by tests/test_kernels_aot.py; D = 32, 64, 256 were checked once the same way (D = 16 was not). fp32
 # banks are limited to D <= 128: the fp32 operand tiles of wider rows spill at every tile size tried (3xTF32 and IEEE
-# alike).
+# alike). This table holds for sm_80 and up; CONFIGS_SM90 overrides it on Hopper with the fastest configs of
+# benchmarks/gpu_check.py's sweep on an H100 (R = 512, K = 2^20: benchmarks/results/nvidia-h100-80gb-hbm3/
+# kernel_configs.md), which spill on sm_80. D = 128 (64, 64, 4, 3) was second-fastest there (0.81 ms vs 0.76 ms with
+# fp32 queries); D = 256 and the smaller dims are not measured.
 CONFIGS: dict[tuple[int, str], StatsConfig] = {
     **{(bd, "16"): StatsConfig(64, 64, 4, 3) for bd in (16, 32, 64)},
-    (128, "16"): StatsConfig(64, 64, 8, 3),
+    (128, "16"): StatsConfig(64, 64, 4, 3),
     (256, "16"): StatsConfig(64, 64, 8, 2),
     (512, "16"): StatsConfig(32, 64, 8, 2),
     **{(bd, "32x16"): StatsConfig(64, 64, 4, 3) for bd in (16, 32, 64)},
-    (128, "32x16"): StatsConfig(64, 64, 8, 3),
+    (128, "32x16"): StatsConfig(64, 64, 4, 3),
     (256, "32x16"): StatsConfig(64, 64, 8, 2),
-    (512, "32x16"): StatsConfig(32, 32, 8, 2),
+    (512, "32x16"): StatsConfig(16, 64, 4, 2),
     **{(bd, "32"): StatsConfig(32, 32, 8, 2) for bd in (16, 32, 64, 128)},
+}
+CONFIGS_SM90: dict[tuple[int, str], StatsConfig] = {
+    (128, "16"): StatsConfig(64, 128, 4, 3),
+    (128, "32x16"): StatsConfig(128, 128, 8, 3),
+    (512, "16"): StatsConfig(64, 64, 8, 2),
 }
 
 
@@ -97,17 +105,18 @@ def block_d_for(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def pick_config(d: int, plan: DotPlan) -> StatsConfig:
-    """Launch configuration for feature dim ``d`` and the dot plan."""
+def pick_config(d: int, plan: DotPlan, arch: int = 80) -> StatsConfig:
+    """Launch configuration for feature dim ``d``, the dot plan and compute capability ``arch`` (e.g. 90)."""
     block_d = block_d_for(d)
     if block_d > 512:
         raise ValueError(f"bank_softmax_stats supports D <= 512, got D={d}")
-    if (block_d, plan.config_class) not in CONFIGS:
+    key = (block_d, plan.config_class)
+    if key not in CONFIGS:
         raise NotImplementedError(
             f"bank_softmax_stats: fp32 banks are supported up to D=128 (got D={d}); store the bank in fp16/bf16 or "
             "use the streaming backend"
         )
-    return CONFIGS[(block_d, plan.config_class)]
+    return CONFIGS_SM90.get(key, CONFIGS[key]) if arch >= 90 else CONFIGS[key]
 
 
 def num_splits_for(r: int, k: int, block_r: int, block_k: int, num_sms: int) -> int:
@@ -259,16 +268,17 @@ def _partial_constexprs(plan: DotPlan, has_pos: bool, d: int, block_r: int, bloc
 _TRITON_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype) -> list[dict]:
+def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, arch: int = 80) -> list[dict]:
     """The kernel variants a launch with feature dim ``d``, ``x_dtype`` queries (and positives) and a
-    ``bank_dtype`` bank compiles, for ahead-of-time checks: the partial kernel with a positive (without one the
-    streaming loop is the same code) and the merge kernel at its largest split count.
+    ``bank_dtype`` bank compiles on compute capability ``arch`` (its config table), for ahead-of-time checks: the
+    partial kernel with a positive (without one the streaming loop is the same code) and the merge kernel at its
+    largest split count.
 
     Returns dicts with ``name``, ``fn``, ``signature``, ``constexprs``, ``attrs`` (16-byte divisibility of pointers
     and of the D-multiple ints, as the JIT specialises them), ``num_warps`` and ``num_stages``.
     """
     plan = dot_plan(x_dtype, bank_dtype)
-    cfg = pick_config(d, plan)
+    cfg = pick_config(d, plan, arch)
     specs = []
     for has_pos in (True,):
         signature = {
@@ -377,7 +387,7 @@ def bank_softmax_stats(
     inv_tau = inv_tau.to(device=device, dtype=torch.float32).contiguous()
 
     plan = dot_plan(x.dtype, bank.dtype, allow_tf32)
-    cfg = pick_config(d, plan)
+    cfg = pick_config(d, plan, device_arch(x.device))
     block_r = block_r or cfg.block_r
     block_k = block_k or cfg.block_k
     num_warps = num_warps or cfg.num_warps

@@ -16,13 +16,20 @@ values the lower index has the larger key. All keys are distinct, which makes th
 of candidates only: the result does not depend on block sizes, split counts or merge order (bitwise reproducible).
 Indices must be < 2^32; the launcher allows banks up to 2^31 rows and addresses them with int64 offsets.
 
-Streaming: program (row block, split) keeps the running top-KP keys of each row in ascending order (KP = k rounded up
-to a power of two, initialised to the int64 minimum, which no real key reaches). For every bank block it computes
-the tile of keys and, only when some key beats a row's current KP-th best (rare after the first blocks), merges:
-the tile's top-KP in descending order by a bitonic top-k network, then max(running ascending, tile descending)
-elementwise, which is a bitonic sequence holding the top KP of both, sorted again by one bitonic merge (log2 KP
-compare-exchange steps). A second kernel merges the per-split lists the same way and decodes the first k keys back
-to (value, index).
+Streaming: program (row block, split) keeps the k best keys of each row seen so far as an UNSORTED list `best`
+(padded to KP = next power of two with +inf sentinels that are never the minimum), and their minimum, the running
+k-th best key κ_n, with its value v_n. For every bank block it computes the fp32 tile s and its row maxima; a row can
+gain only if its maximum exceeds v_n (equal values arrive later in the scan, i.e. with a higher index, so they lose the
+tie). After the first blocks this is rare: of K keys, a row inserts about k·ln(K/k) in all. While some row of the
+block can gain, one extraction step runs for every row at once: the row maximum and its lowest column give a key,
+which replaces κ_n in `best` (keys are distinct, so exactly one slot) where it beats κ_n; κ_n and v_n are re-read and
+the extracted column is masked. The steady state costs a row max and a compare per score; no sorting network runs
+inside the loop. At the end each program sorts its list once (bitonic sort) and writes it descending. A second kernel
+merges the per-split lists — max(running ascending, next descending) is bitonic and holds the top KP of both, sorted
+by one bitonic merge — and decodes the first k keys back to (value, index).
+
+Values are canonicalised (s + 0.0 turns -0.0 into +0.0) before packing, so equal floats are equal keys and ties
+follow the index, like a stable sort of the floats. NaN scores are never selected (no comparison with NaN is true).
 
 The networks are written here with min/max over size-2 axes of a [2, 2, ...] view of the tile rather than with
 ``tl.topk``/``tl.sort``, whose compare-exchange is an xor-reduction that Triton's CPU interpreter evaluates element by
@@ -37,9 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .dot_precision import DotPlan, dot_plan, query_dot, split_query
+from .dot_precision import DotPlan, device_arch, dot_plan, query_dot, split_query
 
-__all__ = ["bank_topk", "TopkConfig", "CONFIGS", "pick_config", "MAX_K", "aot_specs"]
+__all__ = ["bank_topk", "TopkConfig", "CONFIGS", "CONFIGS_SM90", "pick_config", "MAX_K", "aot_specs"]
 
 MAX_K = 256
 MAX_SPLITS = 256
@@ -56,38 +63,46 @@ class TopkConfig:
     num_stages: int
 
 
-# Deterministic config table keyed by (BLOCK_D, DotPlan.config_class), as in bank_softmax_stats. BLOCK_K is raised to KP
-# when k is larger. The D = 128 and 512 entries are compiled for sm_80/sm_90 and spill-checked by
-# tests/test_kernels_aot.py; D = 32, 64, 256 were checked once the same way (D = 16 was not). fp32 banks are limited to
-# D <= 128: the fp32 operand tiles of wider rows spill at every tile size. Known: D = 256 with fp32 queries and k > 32
-# spills 8 bytes on sm_90 with every config tried (a small slowdown, not an error).
+# Deterministic config table keyed by (BLOCK_D, DotPlan.config_class), as in bank_softmax_stats. The D = 128 and 512
+# entries are compiled for sm_80/sm_90 and spill-checked by tests/test_kernels_aot.py (k padded to 16 and 64); D = 32,
+# 64, 256 were checked once the same way (D = 16 was not). The running list costs BLOCK_N·KP int64 registers, so wide
+# rows (D = 512) use 32-row blocks, and the launcher shrinks BLOCK_N for KP > 64. fp32 banks are limited to D <= 128:
+# the fp32 operand tiles of wider rows spill at every tile size. On an H100 (benchmarks/gpu_check.py's sweep, N = 256,
+# K = 2^20, fp32 queries over an fp16 bank: benchmarks/results/nvidia-h100-80gb-hbm3/kernel_configs.md) D = 128
+# (64, 64, 4, 3) ran k = 10 in 0.77 ms and CONFIGS_SM90's (64, 128, 4, 3), which spills on sm_80, in 0.74 ms; D = 512
+# (32, 64, 4, 2) was the fastest tried. The other entries are not measured.
 CONFIGS: dict[tuple[int, str], TopkConfig] = {
-    **{(bd, "16"): TopkConfig(64, 64, 4, 3) for bd in (16, 32, 64, 128)},
+    **{(bd, "16"): TopkConfig(64, 64, 4, 3) for bd in (16, 32, 64)},
+    (128, "16"): TopkConfig(64, 64, 4, 3),
     (256, "16"): TopkConfig(32, 64, 8, 2),
     (512, "16"): TopkConfig(32, 64, 8, 2),
-    **{(bd, "32x16"): TopkConfig(64, 64, 4, 3) for bd in (16, 32)},
-    (64, "32x16"): TopkConfig(64, 64, 8, 3),
-    (128, "32x16"): TopkConfig(64, 64, 8, 3),
-    (256, "32x16"): TopkConfig(32, 32, 8, 2),
-    (512, "32x16"): TopkConfig(32, 64, 8, 2),
+    **{(bd, "32x16"): TopkConfig(64, 64, 4, 3) for bd in (16, 32, 64)},
+    (128, "32x16"): TopkConfig(64, 64, 4, 3),
+    (256, "32x16"): TopkConfig(32, 64, 8, 2),
+    (512, "32x16"): TopkConfig(32, 64, 4, 2),
     **{(bd, "32"): TopkConfig(32, 64, 4, 2) for bd in (16, 32)},
     **{(bd, "32"): TopkConfig(32, 64, 8, 2) for bd in (64, 128)},
+}
+CONFIGS_SM90: dict[tuple[int, str], TopkConfig] = {
+    (128, "16"): TopkConfig(64, 128, 4, 3),
+    (128, "32x16"): TopkConfig(64, 128, 4, 3),
 }
 
 _TRITON_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-def pick_config(d: int, plan: DotPlan) -> TopkConfig:
-    """Launch configuration for feature dim ``d`` and the dot plan."""
+def pick_config(d: int, plan: DotPlan, arch: int = 80) -> TopkConfig:
+    """Launch configuration for feature dim ``d``, the dot plan and compute capability ``arch`` (e.g. 90)."""
     block_d = max(16, triton.next_power_of_2(d))
     if block_d > 512:
         raise ValueError(f"bank_topk supports D <= 512, got D={d}")
-    if (block_d, plan.config_class) not in CONFIGS:
+    key = (block_d, plan.config_class)
+    if key not in CONFIGS:
         raise NotImplementedError(
             f"bank_topk: fp32 banks are supported up to D=128 (got D={d}); store the bank in fp16/bf16 or use the "
             "streaming backend"
         )
-    return CONFIGS[(block_d, plan.config_class)]
+    return CONFIGS_SM90.get(key, CONFIGS[key]) if arch >= 90 else CONFIGS[key]
 
 
 @triton.jit
@@ -154,6 +169,13 @@ def _topk_rows(x, LOG_ROWS: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constex
 
 
 @triton.jit
+def _unpack_value(key):
+    """fp32 value of keys made by :func:`_pack_keys`."""
+    key32 = (key >> 32).to(tl.int32)
+    return tl.where(key32 >= 0, key32, key32 ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _bank_topk_partial_kernel(
     q_ptr,  # (N, D) queries
     bank_ptr,  # (K, D) bank
@@ -164,6 +186,7 @@ def _bank_topk_partial_kernel(
     stride_q,
     stride_bank,
     keys_per_split,  # multiple of BLOCK_K
+    k,  # neighbours kept per row (<= KP)
     LOG_KP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,  # tensor-core operand dtype (see dot_precision)
     X_TERMS: tl.constexpr,  # 16-bit terms of the fp32 query
@@ -176,18 +199,28 @@ def _bank_topk_partial_kernel(
     BLOCK_N: tl.constexpr = 1 << LOG_BLOCK_N
     BLOCK_K: tl.constexpr = 1 << LOG_BLOCK_K
     KP: tl.constexpr = 1 << LOG_KP
+    MIN_KEY: tl.constexpr = -9223372036854775808
+    MAX_KEY: tl.constexpr = 9223372036854775807
     pid_n = tl.program_id(0)  # fastest axis: row blocks of one split share bank tiles in L2
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, KP)
     n_ok = offs_n < N
     d_ok = offs_d < D
     rows = offs_n.to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * stride_q + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     q_hi, q_lo, q_lo2 = split_query(q, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
 
-    # Running top-KP keys of each row, ascending, so best[:, 0] is the KP-th best.
-    best = tl.full((BLOCK_N, KP), -9223372036854775808, tl.int64)
+    # -- phase 1: slots j < k start as distinct keys below every real key (MIN_KEY + j: a real key's low word is
+    # 2^32 - 1 - index >= 2^31), padding slots as MAX_KEY, never the minimum. κ = min(best), v = its value.
+    best = tl.where(offs_j[None, :] < k, MIN_KEY + offs_j[None, :].to(tl.int64), MAX_KEY) + tl.zeros(
+        (BLOCK_N, KP), tl.int64
+    )
+    kth = tl.full((BLOCK_N,), MIN_KEY, tl.int64)
+    kth_value = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+
+    # -- phase 2: stream the split's bank blocks
     k_start = split * keys_per_split
     k_end = tl.minimum(k_start + keys_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -199,17 +232,25 @@ def _bank_topk_partial_kernel(
             other=0.0,
         ).to(COMPUTE_DTYPE)
         s = query_dot(q_hi, q_lo, q_lo2, tl.trans(b), X_TERMS, LO_SCALE, INPUT_PRECISION)
-        keys = _pack_keys(s, offs_k[None, :])
-        keys = tl.where(k_ok[None, :], keys, -9223372036854775808)
-        kth = tl.min(best, axis=1)
-        n_better = tl.sum(tl.sum((keys > kth[:, None]).to(tl.int32), axis=1), axis=0)
-        if n_better > 0:
-            tile_top = _topk_rows(keys, LOG_BLOCK_N, LOG_BLOCK_K, LOG_KP, 1)  # descending
-            # max(ascending, descending) is bitonic and holds the top KP of the union.
-            best = _sort_bitonic_rows(tl.maximum(best, tile_top), LOG_BLOCK_N, LOG_KP, 0)
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        row_max = tl.max(s, axis=1)
+        gain = tl.max((row_max > kth_value).to(tl.int32), axis=0)
+        while gain > 0:
+            # one extraction step for every row: its best remaining column (lowest index among equal maxima)
+            col = tl.min(tl.where(s == row_max[:, None], offs_k[None, :], 2147483647), axis=1)
+            key = _pack_keys(row_max + 0.0, col)
+            take = row_max > kth_value
+            best = tl.where((best == kth[:, None]) & take[:, None], key[:, None], best)
+            kth = tl.min(best, axis=1)
+            kth_value = tl.where(kth < MIN_KEY + 2147483648, float("-inf"), _unpack_value(kth))
+            s = tl.where(offs_k[None, :] == col[:, None], float("-inf"), s)
+            row_max = tl.max(s, axis=1)
+            gain = tl.max((row_max > kth_value).to(tl.int32), axis=0)
 
-    best = _sort_bitonic_rows(best, LOG_BLOCK_N, LOG_KP, 1)
-    out = (split.to(tl.int64) * N + rows)[:, None] * KP + tl.arange(0, KP)[None, :]
+    # -- phase 3: padding slots become MIN_KEY (last in the merge), then one sort, descending
+    best = tl.where(best == MAX_KEY, MIN_KEY, best)
+    best = _topk_rows(best, LOG_BLOCK_N, LOG_KP, LOG_KP, 1)
+    out = (split.to(tl.int64) * N + rows)[:, None] * KP + offs_j[None, :]
     tl.store(keys_ptr + out, best, mask=n_ok[:, None])
 
 
@@ -251,6 +292,11 @@ def _bank_topk_merge_kernel(
     tl.store(indices_ptr + out, indices, mask=mask)
 
 
+def _rows_per_program(cfg: TopkConfig, kp: int) -> int:
+    """BLOCK_N of the partial kernel: the table's, lowered so the running lists hold at most 4096 keys (k > 64)."""
+    return min(cfg.block_n, max(16, 4096 // kp))
+
+
 def _merge_block_n(kp: int) -> int:
     """Rows per merge program: at most 4096 keys in flight."""
     return max(2, min(64, 4096 // kp))
@@ -262,7 +308,7 @@ def _partial_constexprs(plan: DotPlan, d: int, kp: int, block_n: int, block_k: i
         "LOG_KP": _log2(kp),
         **plan.constexprs(),
         "LOG_BLOCK_N": _log2(block_n),
-        "LOG_BLOCK_K": _log2(max(block_k, kp)),
+        "LOG_BLOCK_K": _log2(block_k),
         "BLOCK_D": max(16, triton.next_power_of_2(d)),
     }
 
@@ -272,18 +318,19 @@ def _partial_constexprs(plan: DotPlan, d: int, kp: int, block_n: int, block_k: i
 AOT_KP = (16, 64)
 
 
-def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype) -> list[dict]:
-    """The kernel variants a launch with feature dim ``d``, ``x_dtype`` queries and a ``bank_dtype`` bank compiles
-    (k padded to :data:`AOT_KP`), for ahead-of-time checks. Same dict layout as ``bank_softmax_stats.aot_specs``."""
+def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, arch: int = 80) -> list[dict]:
+    """The kernel variants a launch with feature dim ``d``, ``x_dtype`` queries and a ``bank_dtype`` bank compiles on
+    compute capability ``arch`` (k padded to :data:`AOT_KP`), for ahead-of-time checks. Same dict layout as
+    ``bank_softmax_stats.aot_specs``."""
     plan = dot_plan(x_dtype, bank_dtype)
-    cfg = pick_config(d, plan)
+    cfg = pick_config(d, plan, arch)
     specs = []
     for kp in AOT_KP if (x_dtype, bank_dtype) == (torch.float32, torch.float16) else AOT_KP[:1]:
         signature = {
             "q_ptr": _TRITON_TYPE[x_dtype], "bank_ptr": _TRITON_TYPE[bank_dtype], "keys_ptr": "*i64", "N": "i32",
-            "K": "i32", "D": "i32", "stride_q": "i32", "stride_bank": "i32", "keys_per_split": "i32",
+            "K": "i32", "D": "i32", "stride_q": "i32", "stride_bank": "i32", "keys_per_split": "i32", "k": "i32",
         }  # fmt: skip
-        constexprs = _partial_constexprs(plan, d, kp, cfg.block_n, cfg.block_k)
+        constexprs = _partial_constexprs(plan, d, kp, _rows_per_program(cfg, kp), cfg.block_k)
         signature.update({name: "constexpr" for name in constexprs})
         specs.append(
             {
@@ -376,10 +423,10 @@ def bank_topk(
     bank = bank if bank.stride(-1) == 1 else bank.contiguous()
 
     plan = dot_plan(query.dtype, bank.dtype, allow_tf32)
-    cfg = pick_config(d, plan)
+    cfg = pick_config(d, plan, device_arch(device))
     kp = triton.next_power_of_2(k)
-    block_n = block_n or cfg.block_n
-    block_k = max(block_k or cfg.block_k, kp)  # the tile's own top-KP needs KP <= BLOCK_K
+    block_n = block_n or _rows_per_program(cfg, kp)
+    block_k = block_k or cfg.block_k
     num_warps = num_warps or cfg.num_warps
     num_stages = num_stages or cfg.num_stages
     if num_splits is None:
@@ -400,6 +447,7 @@ def bank_topk(
         query.stride(0),
         bank.stride(0),
         keys_per_split,
+        k,
         **_partial_constexprs(plan, d, kp, block_n, block_k),
         num_warps=num_warps,
         num_stages=num_stages,

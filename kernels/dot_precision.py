@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DotPlan", "dot_plan", "split_query", "query_dot", "FP32_PRECISION"]
+__all__ = ["DotPlan", "dot_plan", "split_query", "query_dot", "device_arch", "FP32_PRECISION"]
 
 # Tensor-core precision of fp32 dots unless TF32 is allowed: three TF32 products recover fp32 accuracy, while "ieee"
 # (FMA) holds whole D-long operand rows per thread and spills at D >= 128.
@@ -75,6 +75,17 @@ def dot_plan(x_dtype: torch.dtype, bank_dtype: torch.dtype, allow_tf32: bool = F
     if x_dtype == torch.float32 and bank_dtype == torch.bfloat16:
         return DotPlan(torch.bfloat16, 3, 256.0, "tf32")
     return DotPlan(torch.float32, 1, 1.0, "tf32" if allow_tf32 else FP32_PRECISION)
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability as an int (90 for sm_90); 80 for CPU tensors (the interpreter ignores it).
+
+    The kernels' config tables depend on it: tensor-core instructions differ (mma on sm_80, wgmma on sm_90), and so
+    do the tile sizes that fit in registers."""
+    if device.type != "cuda":
+        return 80
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 @triton.jit

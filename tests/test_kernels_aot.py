@@ -1,11 +1,11 @@
 """Ahead-of-time compile check of every Triton kernel, without a GPU.
 
 Each kernel variant its launcher can pick for D in {128, 512} and every supported (query, bank) dtype pair
-(``aot_specs`` of each kernel module, built from the same config table and constexpr helper as the launcher) is
-compiled for sm_80 and sm_90 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, and the
-cubin's resource usage is read with the cuobjdump shipped in Triton. A kernel that spills registers shows a non-zero
-STACK (ptxas puts spill slots in the stack frame; LOCAL counts only explicit local arrays, so LOCAL:0 alone does not
-exclude spills): both must be 0. If an entry spills, change the config table, not this check.
+(``aot_specs`` of each kernel module, built from the same per-architecture config table and constexpr helper as the
+launcher) is compiled for sm_80 and sm_90 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``,
+and the cubin's resource usage is read with the cuobjdump shipped in Triton. A kernel that spills registers shows a
+non-zero STACK (ptxas puts spill slots in the stack frame; LOCAL counts only explicit local arrays, so LOCAL:0 alone
+does not exclude spills): both must be 0. If an entry spills, change the config table, not this check.
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def _specs() -> list[tuple]:
             for x_dtype, bank_dtype in DTYPE_PAIRS:
                 if bank_dtype == torch.float32 and d > FP32_MAX_D:
                     continue
-                for spec in mod.aot_specs(d, x_dtype, bank_dtype):
-                    if spec["name"] in seen:
-                        continue
-                    seen.add(spec["name"])
-                    out += [(module, spec["name"], d, x_dtype, bank_dtype, cc) for cc in ARCHS]
+                for cc in ARCHS:  # each architecture compiles its own config table
+                    for spec in mod.aot_specs(d, x_dtype, bank_dtype, arch=cc):
+                        if (spec["name"], cc) not in seen:
+                            seen.add((spec["name"], cc))
+                            out.append((module, spec["name"], d, x_dtype, bank_dtype, cc))
     return out
 
 
@@ -67,7 +67,7 @@ def resource_usage(
     from triton.compiler import ASTSource
 
     mod = importlib.import_module(f"fastssl.kernels.{module}")
-    spec = next(s for s in mod.aot_specs(d, x_dtype, bank_dtype) if s["name"] == name)
+    spec = next(s for s in mod.aot_specs(d, x_dtype, bank_dtype, arch=cc) if s["name"] == name)
     src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"], attrs=spec["attrs"])
     options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
@@ -130,6 +130,7 @@ def test_every_jit_function_is_compiled_by_the_aot_specs():
         "query_dot": "_bank_softmax_stats_partial_kernel",
         "split_query": "_bank_softmax_stats_partial_kernel",
         "_pack_keys": "_bank_topk_partial_kernel",
+        "_unpack_value": "_bank_topk_partial_kernel",
         "_topk_rows": "_bank_topk_partial_kernel",
         "_sort_bitonic_rows": "_bank_topk_merge_kernel",
         "_bitonic_merge": "_sort_bitonic_rows",

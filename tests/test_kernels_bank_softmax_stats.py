@@ -87,6 +87,8 @@ def test_matches_fp64_oracle(device: str, dtype: torch.dtype) -> None:
     _skip_unsupported(device, dtype)
     gen = torch.Generator().manual_seed(0)
     for r, k, d, with_pos, num_splits in _cases(device):
+        if dtype == torch.float32 and d > 128:
+            continue  # fp32 banks serve D <= 128 (test_rejects_bad_input checks the error)
         x = _unit(r, d, dtype, device, gen)
         bank = _unit(k, d, dtype, device, gen)
         pos = _unit(r, d, dtype, device, gen) if with_pos else None

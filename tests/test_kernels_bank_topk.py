@@ -63,6 +63,8 @@ def test_exact_with_ties_to_lower_index(device: str, dtype: torch.dtype) -> None
     _skip_unsupported(device, dtype)
     gen = torch.Generator().manual_seed(0)
     for n, num_keys, d, k, num_splits in CASES_CPU if device == "cpu" else CASES_CUDA:
+        if dtype == torch.float32 and d > 128:
+            continue  # fp32 banks serve D <= 128 (test_rejects_bad_input checks the error)
         query = _quarters(n, d, dtype, device, gen)
         bank = _quarters(num_keys, d, dtype, device, gen)
         values, indices = bank_topk(query, bank, k, num_splits=num_splits, **_launch_kwargs(device))
@@ -162,4 +164,6 @@ def test_int64_offsets_beyond_2pow31_elements() -> None:
     assert indices[:, 0].tolist() == [k - 1, k - 2, k - 3]
     sims = torch.cat([query.double() @ chunk.double().T for chunk in bank.split(2**20)], dim=1)
     ref_values = torch.sort(sims, dim=1, descending=True, stable=True).values[:, :4]
-    torch.testing.assert_close(values.double(), ref_values, rtol=0, atol=2e-6)
+    # The queries are fp16 rows (exact products), so the only error is fp32 accumulation of D = 512 products of unit
+    # vectors: at most D·2^-24·Σ|q_i b_i| <= 3.1e-5 (an H100 measured 2.03e-6, over the 2e-6 the D <= 128 tests use).
+    torch.testing.assert_close(values.double(), ref_values, rtol=0, atol=d * 2**-24)

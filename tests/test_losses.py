@@ -57,6 +57,27 @@ def test_msf_enqueues_before_search_and_records_purity():
     torch.testing.assert_close(module(query, target), msf_loss(query, target, bank_after, 3))
 
 
+def test_msf_loss_and_purity_share_one_search(monkeypatch):
+    """The loss module searches the bank once per step (the official code reuses its nn_index for purity); the loss
+    and purity equal the functional versions that each search on their own."""
+    import fastssl.losses.msf as msf_module
+    from fastssl.functional import mean_shift_purity
+
+    calls = []
+    search = msf_module.bank_topk
+    monkeypatch.setattr(msf_module, "bank_topk", lambda *a, **kw: calls.append(1) or search(*a, **kw))
+    module = MSFLoss(16, 30, k=3, bank_dtype=torch.float32, store_labels=True)
+    module.bank.enqueue(torch.randn(24, 16), torch.randint(0, 4, (24,)))
+    query, target = batch(4)
+    labels = torch.randint(0, 4, (6,), generator=torch.Generator().manual_seed(1))
+    loss = module(query, target, labels)
+    assert len(calls) == 1
+    torch.testing.assert_close(loss, msf_loss(query, target, module.bank, 3))
+    torch.testing.assert_close(module.last_purity, mean_shift_purity(target, labels, module.bank, 3))
+    with pytest.raises(ValueError, match="index must be int64"):
+        msf_loss(query, target, module.bank, 3, index=torch.zeros(6, 2, dtype=torch.int64))
+
+
 def test_ressl_warmup_mixes_infonce_and_relation():
     torch.manual_seed(3)
     module = ReSSLLoss(16, 50, warmup_steps=4, bank_dtype=torch.float32)

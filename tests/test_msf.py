@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from backends import TOPK_BACKENDS
+from backends import TOPK_BACKENDS, device_for
 
 from fastssl import MemoryBank
 from fastssl.functional import byol_loss, mean_shift_purity, msf_loss
@@ -27,9 +27,10 @@ def official_msf(query, target, queue, topk):
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_matches_official_formula(backend, k):
     torch.manual_seed(k)
-    bank = MemoryBank(64, 16, dtype=torch.float32)
-    query = torch.randn(6, 16, requires_grad=True)
-    target = torch.randn(6, 16)
+    device = device_for(backend)
+    bank = MemoryBank(64, 16, dtype=torch.float32, device=device)
+    query = torch.randn(6, 16, device=device, requires_grad=True)
+    target = torch.randn(6, 16, device=device)
     bank.enqueue(target)  # the official code enqueues before searching
     loss = msf_loss(query, target, bank, k, backend=backend)
     q64 = query.detach().double().requires_grad_()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from backends import STATS_BACKENDS
+from backends import STATS_BACKENDS, device_for
 from conftest import DEVICE
 
 import fastssl.ops.bank_softmax_stats as stats_module
@@ -175,14 +175,14 @@ def test_bank_can_be_enqueued_in_place_before_backward():
 
 
 def test_memory_bank_argument_uses_valid_rows_only():
-    bank = MemoryBank(50, 8, init="empty", dtype=torch.float32)
-    keys = torch.randn(9, 8)
-    bank.enqueue(keys)
-    s, t = torch.randn(3, 8), torch.randn(3, 8)
+    keys, s, t = torch.randn(9, 8), torch.randn(3, 8), torch.randn(3, 8)
+    expected = isd_loss(s, t, F.normalize(keys, dim=1), backend="reference")
     for backend in ["reference", *STATS_BACKENDS]:
-        torch.testing.assert_close(
-            isd_loss(s, t, bank, backend=backend), isd_loss(s, t, F.normalize(keys, dim=1), backend="reference")
-        )
+        device = device_for(backend)
+        bank = MemoryBank(50, 8, init="empty", dtype=torch.float32, device=device)
+        bank.enqueue(keys.to(device))
+        loss = isd_loss(s.to(device), t.to(device), bank, backend=backend)
+        torch.testing.assert_close(loss.cpu(), expected)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ def msf_loss(
     k: int = 5,
     *,
     backend: str = "auto",
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean-shift loss: pull the query toward the k bank neighbours of the TARGET.
 
@@ -32,13 +33,18 @@ def msf_loss(
         bank: (K, D) bank or :class:`~fastssl.MemoryBank`.
         k: neighbours (paper: 5; 10 for the 1M bank).
         backend: top-k backend, see :func:`fastssl.functional.bank_topk`.
+        index: (N, k) neighbour indices already found by ``bank_topk(target, bank, k)``; skips the search (the loss
+            module shares one search between the loss and :func:`~fastssl.functional.mean_shift_purity`).
 
     Returns:
         fp32 scalar (fp64 for fp64 inputs).
     """
     check_embeddings("query", query)
     check_embeddings("target", target, like=query, like_name="query")
-    _, index = bank_topk(target, bank, k, backend=backend)  # validates bank and k
+    if index is None:
+        _, index = bank_topk(target, bank, k, backend=backend)  # validates bank and k
+    elif index.shape != (target.shape[0], k) or index.dtype != torch.int64:
+        raise ValueError(f"index must be int64 of shape {(target.shape[0], k)}, got {index.dtype} {tuple(index.shape)}")
     rows = (bank.keys if isinstance(bank, MemoryBank) else bank).detach()
     acc_dtype = torch.float64 if torch.float64 in (query.dtype, rows.dtype) else torch.float32
     neighbours = rows[index].to(acc_dtype)  # (N, k, D): a gather, so the bank itself is never saved for backward

@@ -16,6 +16,7 @@ def mean_shift_purity(
     *,
     bank_labels: torch.Tensor | None = None,
     backend: str = "auto",
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Purity of the mean-shift neighbourhoods, a free training-time monitor of how semantic the bank has become.
 
@@ -29,6 +30,7 @@ def mean_shift_purity(
         k: neighbours.
         bank_labels: (K,) labels of the bank rows; taken from the MemoryBank when omitted.
         backend: top-k backend.
+        index: (N, k) neighbour indices already found by ``bank_topk(target, bank, k)``; skips the search.
 
     Returns:
         fp32 scalar in [0, 1].
@@ -44,6 +46,9 @@ def mean_shift_purity(
         raise ValueError(
             f"bank_labels must have shape ({rows.shape[0]},) like the bank's rows, got {tuple(bank_labels.shape)}"
         )
-    _, index = bank_topk(target, bank, k, backend=backend)
+    if index is None:
+        _, index = bank_topk(target, bank, k, backend=backend)
+    elif index.shape != (target.shape[0], k):
+        raise ValueError(f"index must have shape ({target.shape[0]}, {k}), got {tuple(index.shape)}")
     neighbour_labels = bank_labels[index]  # (N, k)
     return (neighbour_labels == labels[:, None]).float().mean()

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastssl.bank import MemoryBank
+from fastssl.functional.bank_topk import bank_topk
 from fastssl.functional.msf import msf_loss
 from fastssl.functional.purity import mean_shift_purity
 from fastssl.losses.bank_owner import own_or_given_bank
@@ -47,7 +48,9 @@ class MSFLoss(nn.Module):
     def forward(self, query: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         stored_labels = labels if self.bank.label_queue is not None else None
         self.bank.enqueue(target.detach(), stored_labels)
-        loss = msf_loss(query, target, self.bank, self.k, backend=self.backend)
+        # One search serves the loss and the purity monitor, as in the official code.
+        _, index = bank_topk(target.detach(), self.bank, self.k, backend=self.backend)
+        loss = msf_loss(query, target, self.bank, self.k, index=index)
         if labels is not None and self.bank.label_queue is not None:
-            self.last_purity = mean_shift_purity(target.detach(), labels, self.bank, self.k, backend=self.backend)
+            self.last_purity = mean_shift_purity(target.detach(), labels, self.bank, self.k, index=index)
         return loss
