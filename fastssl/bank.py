@@ -9,9 +9,10 @@ before touching anything, so a bad batch leaves the bank exactly as it was.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from fastssl.collectives import agree, all_gather_rows, comm_device, distributed_world
 
 INITS = ("random", "empty")
 
@@ -33,6 +34,11 @@ class MemoryBank(nn.Module):
         init: ``"random"`` fills every row with a random unit vector (normalized per row — the official ISD R18
             script normalizes along dim 0, a bug not copied here); ``"empty"`` starts with no valid row.
         store_labels: keep an int64 label per row.
+        sharded: under torch.distributed, this bank is one rank's shard of a bank split across ranks (``size`` rows
+            per rank, size × world rows in all): ``enqueue`` writes only this rank's keys, and the softmax-stats losses
+            (ISD, ReSSL, MoCo) merge every shard's (LSE, μ) partials, so the loss is that of the union of the shards.
+            The bank then grows with the GPU count at a fixed memory per GPU. Every rank must call the loss. Without
+            a process group (or with one rank) it is an ordinary bank.
     """
 
     def __init__(
@@ -44,8 +50,10 @@ class MemoryBank(nn.Module):
         device: torch.device | str | None = None,
         init: str = "random",
         store_labels: bool = False,
+        sharded: bool = False,
     ) -> None:
         super().__init__()
+        self.sharded = bool(sharded)
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
         if not isinstance(dim, int) or dim < 1:
@@ -67,6 +75,11 @@ class MemoryBank(nn.Module):
             self.register_buffer("label_queue", torch.full((size,), -1, dtype=torch.long, device=device))
         else:
             self.register_buffer("label_queue", None)
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the losses must merge this bank with the other ranks' shards (``sharded`` and world size > 1)."""
+        return self.sharded and distributed_world() > 1
 
     @property
     def size(self) -> int:
@@ -96,7 +109,8 @@ class MemoryBank(nn.Module):
         return self.label_queue if self.is_full else self.label_queue[: len(self)]
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}, valid={len(self)}"
+        shard = ", sharded" if self.sharded else ""
+        return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}, valid={len(self)}{shard}"
 
     def _check(self, keys: torch.Tensor, labels: torch.Tensor | None) -> tuple[type[Exception], str] | None:
         """The first problem with this batch as (exception type, message), or None. Never raises, so ranks can agree
@@ -141,7 +155,8 @@ class MemoryBank(nn.Module):
 
         Under an initialized torch.distributed process group the keys (and labels) of every rank are all-gathered
         first (batch sizes may differ between ranks), so all ranks end with identical banks; every rank must call
-        this. Validation happens on every rank before any write, and a bad batch on any rank raises on all ranks.
+        this. A ``sharded`` bank writes only this rank's keys into its shard. Validation happens on every rank before
+        any write, and a bad batch on any rank raises on all ranks.
 
         Args:
             keys: (B, D) floating-point keys, B ≤ size.
@@ -151,7 +166,7 @@ class MemoryBank(nn.Module):
             ValueError / TypeError: naming the problem; the bank is left unchanged.
         """
         problem = self._check(keys, labels)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = distributed_world() > 1
         if distributed:
             problem = self._agree_on_problem(problem, keys)
         if problem is not None:
@@ -167,7 +182,7 @@ class MemoryBank(nn.Module):
                 if labels is None
                 else labels.detach().to(torch.long)
             )
-        if distributed:
+        if distributed and not self.sharded:
             keys, labels = self._all_gather(keys, labels)
             if keys.shape[0] > self.size:
                 raise ValueError(
@@ -192,30 +207,11 @@ class MemoryBank(nn.Module):
         self, problem: tuple[type[Exception], str] | None, keys: torch.Tensor
     ) -> tuple[type[Exception], str] | None:
         """All ranks learn whether any rank's batch is bad, so none blocks in the all-gather that follows."""
-        flag = torch.tensor([0 if problem is None else 1], device=self._comm_device())
-        dist.all_reduce(flag)
-        if problem is None and int(flag) > 0:
+        if not agree(problem is None, comm_device(self.queue)) and problem is None:
             return ValueError, "another rank passed an invalid batch (see its error)"
         return problem
 
-    def _comm_device(self) -> torch.device:
-        return self.queue.device if dist.get_backend() == "nccl" else torch.device("cpu")
-
     def _all_gather(self, keys: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Concatenates every rank's batch in rank order, padded to the largest batch (all_gather needs equal sizes)."""
-        world = dist.get_world_size()
-        comm = self._comm_device()
-        local_n = torch.tensor([keys.shape[0]], device=comm)
-        sizes = [torch.zeros_like(local_n) for _ in range(world)]
-        dist.all_gather(sizes, local_n)
-        sizes = [int(s) for s in sizes]
-        max_n = max(sizes)
-
-        def gather(t: torch.Tensor) -> torch.Tensor:
-            padded = torch.zeros((max_n, *t.shape[1:]), dtype=t.dtype, device=comm)
-            padded[: t.shape[0]] = t.to(comm)
-            parts = [torch.empty_like(padded) for _ in range(world)]
-            dist.all_gather(parts, padded)
-            return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).to(self.queue.device)
-
-        return gather(keys), None if labels is None else gather(labels)
+        """Concatenates every rank's batch in rank order (batch sizes may differ between ranks)."""
+        keys = all_gather_rows(keys, self.queue.device)[0]
+        return keys, None if labels is None else all_gather_rows(labels, self.queue.device)[0]

@@ -34,8 +34,22 @@ def check_embeddings(name: str, x: torch.Tensor, *, like: torch.Tensor | None = 
             raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
 
 
-def bank_rows(bank: torch.Tensor | MemoryBank, query: torch.Tensor) -> torch.Tensor:
-    """The (K, D) valid rows of a bank (a tensor or a :class:`~fastssl.MemoryBank`), checked against ``query``."""
+def is_sharded_bank(bank: torch.Tensor | MemoryBank) -> bool:
+    """Whether ``bank`` is one rank's shard of a bank split across ranks (a ``sharded`` MemoryBank, world > 1)."""
+    return isinstance(bank, MemoryBank) and bank.is_sharded
+
+
+def bank_rows(bank: torch.Tensor | MemoryBank, query: torch.Tensor, *, shardable: bool = False) -> torch.Tensor:
+    """The (K, D) valid rows of a bank (a tensor or a :class:`~fastssl.MemoryBank`), checked against ``query``.
+
+    ``shardable``: the caller merges a sharded bank's shards (the softmax-statistics losses); every other caller
+    needs the whole bank and gets a clear error for a shard.
+    """
+    if is_sharded_bank(bank) and not shardable:
+        raise ValueError(
+            "this loss needs the whole bank, but the MemoryBank is sharded across ranks: only the softmax losses "
+            "(ISD, ReSSL, MoCo InfoNCE) merge shards; top-k methods (MSF, NNCLR, purity) need sharded=False"
+        )
     rows = bank.keys if isinstance(bank, MemoryBank) else bank
     if not isinstance(rows, torch.Tensor):
         raise TypeError(f"bank must be a torch.Tensor or a fastssl.MemoryBank, got {type(bank).__name__}")
@@ -45,7 +59,7 @@ def bank_rows(bank: torch.Tensor | MemoryBank, query: torch.Tensor) -> torch.Ten
         raise TypeError(f"bank must be floating point, got {rows.dtype}")
     if rows.shape[1] != query.shape[1]:
         raise ValueError(f"bank has dim {rows.shape[1]} but the embeddings have dim {query.shape[1]}")
-    if rows.shape[0] == 0:
+    if rows.shape[0] == 0 and not is_sharded_bank(bank):  # a shard's emptiness is agreed on by all ranks in the op
         raise ValueError("bank has no valid rows yet (an init='empty' bank needs an enqueue first)")
     if rows.device != query.device:
         raise ValueError(f"bank is on {rows.device} but the embeddings are on {query.device}")

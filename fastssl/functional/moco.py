@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from fastssl.bank import MemoryBank
-from fastssl.functional.inputs import bank_rows, check_embeddings, check_temperature, normalized
+from fastssl.functional.inputs import bank_rows, check_embeddings, check_temperature, is_sharded_bank, normalized
 from fastssl.ops.bank_info_nce import bank_info_nce
 
 
@@ -25,7 +25,8 @@ def moco_loss(
     Args:
         query: (N, D) query embeddings q (normalized here); receives the gradient.
         key: (N, D) positive keys k⁺ from the momentum encoder (normalized here; detached).
-        bank: (K, D) negatives or :class:`~fastssl.MemoryBank` (enqueue the keys after the loss).
+        bank: (K, D) negatives or :class:`~fastssl.MemoryBank` (enqueue the keys after the loss); a ``sharded``
+            MemoryBank under torch.distributed stands for the union of every rank's shard (all ranks must call).
         tau: temperature τ (MoCo v2: 0.2).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         backend: ``"auto"`` | ``"reference"`` | ``"streaming"`` | ``"triton"``.
@@ -35,6 +36,7 @@ def moco_loss(
     """
     check_embeddings("query", query)
     check_embeddings("key", key, like=query, like_name="query")
-    rows = bank_rows(bank, query)
+    rows = bank_rows(bank, query, shardable=True)
     tau = check_temperature("tau", tau)
-    return bank_info_nce(normalized(query), normalized(key.detach()), rows, tau, reduction=reduction, backend=backend)
+    q, k = normalized(query), normalized(key.detach())
+    return bank_info_nce(q, k, rows, tau, reduction=reduction, backend=backend, sharded=is_sharded_bank(bank))

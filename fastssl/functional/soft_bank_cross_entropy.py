@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastssl.bank import MemoryBank
-from fastssl.functional.inputs import bank_rows, check_embeddings, check_temperature, normalized
+from fastssl.functional.inputs import bank_rows, check_embeddings, check_temperature, is_sharded_bank, normalized
 from fastssl.ops.soft_bank_cross_entropy import soft_bank_cross_entropy as soft_bank_cross_entropy_op
 
 
@@ -27,7 +27,8 @@ def soft_bank_cross_entropy(
     Args:
         student: (N, D) student embeddings (normalized here); the only input that receives a gradient.
         teacher: (N, D) teacher embeddings (normalized here; detached).
-        bank: (K, D) tensor or :class:`~fastssl.MemoryBank` (its valid rows); rows are used as stored.
+        bank: (K, D) tensor or :class:`~fastssl.MemoryBank` (its valid rows); rows are used as stored. A ``sharded``
+            MemoryBank under torch.distributed stands for the union of every rank's shard (all ranks must call).
         tau_student: student temperature τ_s.
         tau_teacher: teacher temperature τ_t (τ_t < τ_s sharpens the target).
         kl: subtract the teacher entropy, giving KL(p_t‖p_s).
@@ -39,7 +40,7 @@ def soft_bank_cross_entropy(
     """
     check_embeddings("student", student)
     check_embeddings("teacher", teacher, like=student, like_name="student")
-    rows = bank_rows(bank, student)
+    rows = bank_rows(bank, student, shardable=True)
     tau_student = check_temperature("tau_student", tau_student)
     tau_teacher = check_temperature("tau_teacher", tau_teacher)
     return soft_bank_cross_entropy_op(
@@ -51,4 +52,5 @@ def soft_bank_cross_entropy(
         kl=kl,
         reduction=reduction,
         backend=backend,
+        sharded=is_sharded_bank(bank),
     )

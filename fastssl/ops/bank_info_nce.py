@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fastssl.ops.backend import accumulation_dtype, resolve_backend, triton_serves
 from fastssl.ops.bank_softmax_stats import bank_softmax_stats
 from fastssl.ops.reduction import reduce_rows, scale_saved_gradient
+from fastssl.ops.sharded_bank_softmax_stats import sharded_bank_softmax_stats
 
 
 def bank_info_nce_reference(
@@ -37,12 +38,13 @@ class BankInfoNCEFunction(torch.autograd.Function):
     """Loss and gradient from one bank pass; saves only the (N, D) gradient, never the bank."""
 
     @staticmethod
-    def forward(ctx, query, key, bank, tau: float, reduction: str, backend: str):
+    def forward(ctx, query, key, bank, tau: float, reduction: str, backend: str, sharded: bool):
         n = query.shape[0]
         acc_dtype = accumulation_dtype(query, key, bank)
         inv_tau = torch.full((n,), 1.0 / tau, dtype=acc_dtype, device=query.device)
         key_x = key.to(query.dtype)
-        lse, mu = bank_softmax_stats(query, inv_tau, bank, key_x, backend=backend)
+        stats = sharded_bank_softmax_stats if sharded else bank_softmax_stats
+        lse, mu = stats(query, inv_tau, bank, key_x, backend=backend)
         k_acc = key_x.to(acc_dtype)
         rows = lse - (query.to(acc_dtype) * k_acc).sum(dim=1) / tau
         grad = (mu - k_acc) / tau
@@ -56,7 +58,8 @@ class BankInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return scale_saved_gradient(grad, grad_output, ctx.reduction, ctx.query_dtype), None, None, None, None, None
+        grad_query = scale_saved_gradient(grad, grad_output, ctx.reduction, ctx.query_dtype)
+        return grad_query, None, None, None, None, None, None
 
 
 def bank_info_nce(
@@ -67,6 +70,7 @@ def bank_info_nce(
     *,
     reduction: str = "mean",
     backend: str = "auto",
+    sharded: bool = False,
 ) -> torch.Tensor:
     """InfoNCE of already-normalized queries with positive ``key`` and negatives ``bank``.
 
@@ -77,11 +81,15 @@ def bank_info_nce(
         tau: temperature τ.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         backend: see :mod:`fastssl.ops.backend`.
+        sharded: ``bank`` is this rank's shard of a bank split across the default process group; the negatives are
+            the union of the shards (:mod:`fastssl.ops.sharded_bank_softmax_stats`). Every rank must call this.
 
     Returns:
         Scalar (or (N,)) in fp32 (fp64 for fp64 inputs).
     """
     backend = resolve_backend(backend, query, key, bank, triton_ok=triton_serves(bank))
+    if sharded and backend == "reference":
+        raise ValueError('a sharded bank needs the "streaming" or "triton" backend (the reference sees one shard)')
     if backend == "reference":
         return bank_info_nce_reference(query, key, bank, tau, reduction=reduction)
-    return BankInfoNCEFunction.apply(query, key.detach(), bank.detach(), tau, reduction, backend)
+    return BankInfoNCEFunction.apply(query, key.detach(), bank.detach(), tau, reduction, backend, sharded)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from fastssl.ops.backend import accumulation_dtype, resolve_backend, triton_serves
 from fastssl.ops.bank_softmax_stats import bank_softmax_stats
 from fastssl.ops.reduction import reduce_rows, scale_saved_gradient
+from fastssl.ops.sharded_bank_softmax_stats import sharded_bank_softmax_stats
 
 
 def soft_bank_cross_entropy_reference(
@@ -60,6 +61,7 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
         kl: bool,
         reduction: str,
         backend: str,
+        sharded: bool,
     ) -> torch.Tensor:
         n = student.shape[0]
         acc_dtype = accumulation_dtype(student, teacher, bank)
@@ -71,7 +73,8 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
                 torch.full((n,), 1.0 / tau_teacher, dtype=acc_dtype, device=x.device),
             ]
         )
-        lse, mu = bank_softmax_stats(x, inv_tau, bank, backend=backend)
+        stats = sharded_bank_softmax_stats if sharded else bank_softmax_stats
+        lse, mu = stats(x, inv_tau, bank, backend=backend)
         lse_q, lse_p, mu_q, mu_p = lse[:n], lse[n:], mu[:n], mu[n:]
         s, t = student.to(acc_dtype), teacher.to(acc_dtype)
         rows = lse_q - (s * mu_p).sum(dim=1) / tau_student
@@ -97,6 +100,7 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -110,6 +114,7 @@ def soft_bank_cross_entropy(
     kl: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    sharded: bool = False,
 ) -> torch.Tensor:
     """CE (or KL) of softmax(t·Bᵀ/τ_t) against softmax(s·Bᵀ/τ_s) for already-normalized rows.
 
@@ -122,15 +127,19 @@ def soft_bank_cross_entropy(
         kl: subtract the teacher entropy H(p), giving KL(p‖q).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         backend: see :mod:`fastssl.ops.backend`.
+        sharded: ``bank`` is this rank's shard of a bank split across the default process group; the loss is over
+            the union of the shards (:mod:`fastssl.ops.sharded_bank_softmax_stats`). Every rank must call this.
 
     Returns:
         Scalar (or (N,) for ``"none"``) in fp32 (fp64 for fp64 inputs).
     """
     backend = resolve_backend(backend, student, teacher, bank, triton_ok=triton_serves(bank))
+    if sharded and backend == "reference":
+        raise ValueError('a sharded bank needs the "streaming" or "triton" backend (the reference sees one shard)')
     if backend == "reference":
         return soft_bank_cross_entropy_reference(
             student, teacher, bank, tau_student, tau_teacher, kl=kl, reduction=reduction
         )
     return SoftBankCrossEntropyFunction.apply(
-        student, teacher.detach(), bank.detach(), tau_student, tau_teacher, kl, reduction, backend
+        student, teacher.detach(), bank.detach(), tau_student, tau_teacher, kl, reduction, backend, sharded
     )

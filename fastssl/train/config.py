@@ -53,8 +53,9 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = "mocov2"
-    bank_size: int = 4096
+    bank_size: int = 4096  # rows of the whole bank (split over the ranks with shard_bank)
     bank_dtype: str = "float16"
+    shard_bank: bool = False  # each rank holds bank_size / world rows; (LSE, μ) partials merged (ISD, ReSSL, MoCo v2)
     tau: float = 0.2  # InfoNCE temperature (MoCo, NNCLR, ReSSL warm-up, SDSSL)
     tau_student: float = 0.1  # ISD / ReSSL
     tau_teacher: float = 0.01  # ISD 0.01, ReSSL 0.04
@@ -281,6 +282,10 @@ def _check_views(views: str | list[str]) -> None:
             )
 
 
+# Methods whose loss is a softmax over the bank, so per-rank (LSE, μ) partials merge exactly (sharded-bank mode).
+SHARDABLE_METHODS = ("isd", "ressl", "mocov2")
+
+
 def validate(config: TrainConfig) -> None:
     """Range and consistency checks that need more than a type."""
     for dotted, choices in CHOICES.items():
@@ -306,6 +311,11 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{key}: must be positive, got {value}")
     if not 0 <= config.method.momentum <= 1:
         raise ConfigError(f"method.momentum: must be in [0, 1], got {config.method.momentum}")
+    if config.method.shard_bank and config.method.name not in SHARDABLE_METHODS:
+        raise ConfigError(
+            f"method.shard_bank: only {', '.join(SHARDABLE_METHODS)} merge bank shards (softmax losses); "
+            f"{config.method.name} searches the whole bank for neighbours"
+        )
     if config.method.k > config.method.bank_size:
         raise ConfigError(f"method.k: {config.method.k} neighbours exceed method.bank_size={config.method.bank_size}")
     for key in ("run.max_steps", "run.time_budget_s", "run.stop_at_step"):

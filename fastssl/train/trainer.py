@@ -21,6 +21,7 @@ from torch import nn
 
 from fastssl.data import make_loader, resolve_views
 from fastssl.data.presets import RECIPES, get_views
+from fastssl.train.bank_shards import gather_bank_shards, restore_bank_shards
 from fastssl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastssl.train.config import ConfigError, TrainConfig
 from fastssl.train.datasets import monitor_splits, training_source
@@ -129,7 +130,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=run.amp == "fp16")
         self.model: nn.Module = self.method
         if self.ctx.world_size > 1:
-            # The bank is identical on every rank by construction (it all-gathers), so buffers are not broadcast.
+            # Banks are identical on every rank by construction (they all-gather) or deliberately different
+            # (sharded), so buffers are not broadcast.
             self.model = nn.parallel.DistributedDataParallel(
                 self.method,
                 device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None,
@@ -159,6 +161,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
+        restore_bank_shards(self.method, state.get("bank_shards"))  # rank 0's shard above -> this rank's own
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.global_step, self.epoch, self.step_in_epoch = state["global_step"], state["epoch"], state["step_in_epoch"]
@@ -166,11 +169,13 @@ class Trainer:
         _set_rng_state(state["rng"])
 
     def save(self) -> Path | None:
+        shards = gather_bank_shards(self.method)  # a collective: every rank takes part, rank 0 writes
         if not self.ctx.is_main:
             return None
-        return save_checkpoint(
-            self.state_dict(), self.checkpoint_dir, self.global_step, keep_last=self.config.run.keep_last
-        )
+        state = self.state_dict()
+        if shards is not None:
+            state["bank_shards"] = shards
+        return save_checkpoint(state, self.checkpoint_dir, self.global_step, keep_last=self.config.run.keep_last)
 
     def maybe_resume(self) -> Path | None:
         resume = self.config.run.resume

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastssl.losses import ISDLoss
 from fastssl.train.methods.bank_dtype import bank_dtype
+from fastssl.train.methods.bank_shard import method_bank
 from fastssl.train.methods.base import Method
 
 
@@ -18,6 +19,7 @@ class ISD(Method):
             tau_teacher=m.tau_teacher,
             bank_dtype=bank_dtype(m),
             backend=m.loss_backend,
+            bank=method_bank(m, self.embed_dim),
         )
 
     def loss(self, views, labels, step):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastssl.losses import MoCoLoss
 from fastssl.train.methods.bank_dtype import bank_dtype
+from fastssl.train.methods.bank_shard import method_bank
 from fastssl.train.methods.base import Method
 
 
@@ -12,7 +13,12 @@ class MoCoV2(Method):
         super().__init__(config)
         m = config.method
         self.criterion = MoCoLoss(
-            self.embed_dim, m.bank_size, tau=m.tau, bank_dtype=bank_dtype(m), backend=m.loss_backend
+            self.embed_dim,
+            m.bank_size,
+            tau=m.tau,
+            bank_dtype=bank_dtype(m),
+            backend=m.loss_backend,
+            bank=method_bank(m, self.embed_dim),
         )
 
     def loss(self, views, labels, step):

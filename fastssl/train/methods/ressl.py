@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastssl.losses import ReSSLLoss
 from fastssl.train.methods.bank_dtype import bank_dtype
+from fastssl.train.methods.bank_shard import method_bank
 from fastssl.train.methods.base import Method
 
 
@@ -20,6 +21,7 @@ class ReSSL(Method):
             tau_infonce=m.tau,
             bank_dtype=bank_dtype(m),
             backend=m.loss_backend,
+            bank=method_bank(m, self.embed_dim),
         )
 
     def loss(self, views, labels, step):

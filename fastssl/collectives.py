@@ -1,0 +1,45 @@
+"""Row-wise collectives shared by the memory bank and the sharded-bank ops: uneven batches, gloo or NCCL."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def distributed_world() -> int:
+    """World size of the default process group, 1 when torch.distributed is not initialized."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def comm_device(like: torch.Tensor) -> torch.device:
+    """Where collectives on ``like`` run: its own device under NCCL, the CPU under gloo."""
+    return like.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_gather_rows(t: torch.Tensor, out_device: torch.device | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Concatenates every rank's ``t`` (rows may differ per rank, other dims may not) in rank order.
+
+    all_gather needs equal shapes, so each rank pads to the largest row count first.
+
+    Returns:
+        (sum of rows, *t.shape[1:]) tensor on ``out_device`` (default: t's device), and the row count of each rank.
+    """
+    world = dist.get_world_size()
+    comm = comm_device(t)
+    local_n = torch.tensor([t.shape[0]], device=comm)
+    sizes = [torch.zeros_like(local_n) for _ in range(world)]
+    dist.all_gather(sizes, local_n)
+    counts = [int(s) for s in sizes]
+    padded = torch.zeros((max(counts), *t.shape[1:]), dtype=t.dtype, device=comm)
+    padded[: t.shape[0]] = t.to(comm)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    gathered = torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
+    return gathered.to(out_device if out_device is not None else t.device), counts
+
+
+def agree(ok: bool, device: torch.device) -> bool:
+    """True on every rank iff ``ok`` is true on every rank (one all-reduce), so no rank enters a collective alone."""
+    flag = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(flag)
+    return int(flag) == 0

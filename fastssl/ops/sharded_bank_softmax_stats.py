@@ -1,0 +1,82 @@
+r"""(LSE, μ) of each rank's query rows over a bank split across ranks (the sharded-bank mode).
+
+Rank r holds shard B_r (K_r rows); the loss is that of the full bank B = ∪_r B_r. For a row x with inverse
+temperature 1/τ and per-shard statistics
+
+    LSE_r = log Σ_{j∈B_r} exp(x·b_j/τ),   μ_r = Σ_{j∈B_r} softmax_r(x·b_j/τ) b_j,
+
+the full-bank statistics are the logsumexp merge FlashAttention's split-K uses (and fastssl.kernels' merge kernel):
+
+    M = max_r LSE_r,   w_r = exp(LSE_r − M),   LSE = M + log Σ_r w_r,   μ = Σ_r w_r μ_r / Σ_r w_r.
+
+So every rank all-gathers the query rows (N_total × D, small next to the bank), computes the partials of all rows on
+its own shard with :func:`~fastssl.ops.bank_softmax_stats.bank_softmax_stats`, and three all-reduces (one max, two
+sums) give every rank the merged statistics, of which it keeps its own rows. The bank never moves; the gradient the
+loss ops derive from (LSE, μ) is local, so backward needs no communication. A positive key (InfoNCE) belongs to the
+softmax once, not once per shard: only rank 0 adds it to its partial.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fastssl.collectives import agree, all_gather_rows, comm_device
+from fastssl.ops.bank_softmax_stats import bank_softmax_stats
+
+
+def sharded_bank_softmax_stats(
+    x: torch.Tensor,
+    inv_tau: torch.Tensor,
+    shard: torch.Tensor,
+    pos: torch.Tensor | None = None,
+    *,
+    backend: str = "streaming",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row LSE and μ of this rank's rows against the union of every rank's bank shard.
+
+    Every rank of the default process group must call this (with its own rows; row counts may differ).
+
+    Args:
+        x: (N, D) this rank's query rows.
+        inv_tau: (N,) per-row inverse temperatures 1/τ.
+        shard: (K_r, D) this rank's bank rows (K_r ≥ 1; shards may differ in size).
+        pos: optional (N, D) positive keys (InfoNCE), on every rank or on none.
+        backend: ``"streaming"`` or ``"triton"`` (already resolved), for the local partials.
+
+    Returns:
+        lse: (N,) and mu: (N, D) in the accumulation dtype, equal (to rounding) to the statistics over the
+        concatenated bank.
+
+    Raises:
+        ValueError: on every rank, if any rank's shard is empty or ranks disagree on passing ``pos``.
+    """
+    device = comm_device(x)
+    has_pos = pos is not None
+    ok = shard.shape[0] > 0
+    # One agreement round before any other collective: a rank that raised alone would leave the others waiting.
+    if not agree(ok, device):
+        raise ValueError("sharded bank: a rank's shard has no valid rows yet (enqueue on every rank first)")
+    pos_votes = torch.tensor([int(has_pos)], device=device)
+    dist.all_reduce(pos_votes)
+    if int(pos_votes) not in (0, dist.get_world_size()):
+        raise ValueError("sharded bank: some ranks passed a positive key and others did not")
+
+    x_all, counts = all_gather_rows(x)
+    inv_tau_all, _ = all_gather_rows(inv_tau)
+    pos_all = all_gather_rows(pos)[0] if has_pos else None
+    pos_here = pos_all if dist.get_rank() == 0 else None  # the positive enters one shard's partial only
+    lse, mu = bank_softmax_stats(x_all, inv_tau_all, shard, pos_here, backend=backend)
+
+    m = lse.to(device, copy=True)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    w = torch.exp(lse - m.to(lse.device))
+    den = w.to(device, copy=True)
+    num = (w[:, None] * mu).to(device, copy=True)
+    dist.all_reduce(den)
+    dist.all_reduce(num)
+    start = sum(counts[: dist.get_rank()])
+    rows = slice(start, start + x.shape[0])
+    lse_full = (m + torch.log(den))[rows].to(lse.device)
+    mu_full = (num / den[:, None])[rows].to(mu.device)
+    return lse_full, mu_full
