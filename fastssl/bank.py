@@ -71,6 +71,9 @@ class MemoryBank(nn.Module):
         self.register_buffer("queue", queue)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("count", torch.tensor(count, dtype=torch.long, device=device))
+        # Host copies of ptr and count: reading the device buffers would synchronize with the GPU on every loss call
+        # and enqueue. The buffers stay authoritative for state_dict; loading one refreshes these.
+        self._host_ptr, self._host_count = 0, count
         if store_labels:
             self.register_buffer("label_queue", torch.full((size,), -1, dtype=torch.long, device=device))
         else:
@@ -90,7 +93,11 @@ class MemoryBank(nn.Module):
         return self.queue.shape[1]
 
     def __len__(self) -> int:
-        return int(self.count)
+        return self._host_count
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host_ptr, self._host_count = int(self.ptr), int(self.count)  # one sync per load, none per step
 
     @property
     def is_full(self) -> bool:
@@ -133,10 +140,13 @@ class MemoryBank(nn.Module):
             return ValueError, f"keys are on {keys.device}, the bank is on {self.queue.device}"
         if keys.shape[0] > self.size:
             return ValueError, f"batch of {keys.shape[0]} keys is larger than the bank ({self.size} rows)"
-        if not bool(torch.isfinite(keys).all()):
-            return ValueError, "keys contain NaN or inf"
-        if keys.shape[0] and not bool((keys.abs().amax(dim=1) > 0).all()):
-            return ValueError, "keys contain an all-zero row, which has no direction to normalize"
+        if keys.shape[0]:
+            # Both value checks in one device read (each read waits for the GPU to finish the queued work).
+            finite, nonzero = torch.stack([torch.isfinite(keys).all(), (keys.abs().amax(dim=1) > 0).all()]).tolist()
+            if not finite:
+                return ValueError, "keys contain NaN or inf"
+            if not nonzero:
+                return ValueError, "keys contain an all-zero row, which has no direction to normalize"
         if labels is not None:
             if self.label_queue is None:
                 return ValueError, "labels were given but the bank was built with store_labels=False"
@@ -193,15 +203,16 @@ class MemoryBank(nn.Module):
 
     def _write(self, keys: torch.Tensor, labels: torch.Tensor | None) -> None:
         n, size = keys.shape[0], self.size
-        ptr = int(self.ptr)
+        ptr = self._host_ptr
         head = min(n, size - ptr)  # rows that fit before the end of the ring; the rest wrap to row 0
         self.queue[ptr : ptr + head].copy_(keys[:head])
         self.queue[: n - head].copy_(keys[head:])
         if self.label_queue is not None:
             self.label_queue[ptr : ptr + head].copy_(labels[:head])
             self.label_queue[: n - head].copy_(labels[head:])
-        self.ptr.fill_((ptr + n) % size)
-        self.count.fill_(min(int(self.count) + n, size))
+        self._host_ptr, self._host_count = (ptr + n) % size, min(self._host_count + n, size)
+        self.ptr.fill_(self._host_ptr)  # fill_ with a Python number: no device read
+        self.count.fill_(self._host_count)
 
     def _agree_on_problem(
         self, problem: tuple[type[Exception], str] | None, keys: torch.Tensor

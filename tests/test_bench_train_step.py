@@ -24,6 +24,7 @@ def test_smoke_run_writes_consistent_rows(tmp_path):
         "5",
         "--out-dir",
         str(tmp_path),
+        "--profile",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -34,3 +35,6 @@ def test_smoke_run_writes_consistent_rows(tmp_path):
         assert math.isclose(row["images_per_s"], row["batch"] / row["step_ms"] * 1e3, rel_tol=1e-9)
         assert math.isclose(row["loss_share_pct"], 100 * row["loss_ms"] / row["step_ms"], rel_tol=1e-9)
         assert row["bank"] == 256 and row["dim"] == 32
+    # The profile of the loss step names the fused loss op (ISD) and the top-k search (MSF).
+    assert "SoftBankCrossEntropyFunction" in (tmp_path / "bench_train_step_profile_tiny_isd.txt").read_text()
+    assert "topk" in (tmp_path / "bench_train_step_profile_tiny_msf.txt").read_text()

@@ -140,3 +140,30 @@ def test_nnclr_symmetric_enqueues_the_first_view_once():
     torch.testing.assert_close(loss, nnclr_loss(z1, p2, support) + nnclr_loss(z2, p1, support))
     assert int(module.bank.ptr) == 6
     torch.testing.assert_close(module.bank.queue[:6], F.normalize(z1.detach(), dim=1))
+
+
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts device-to-host scalar reads (``int(t)``, ``bool(t)``, ``t.item()``): each one waits for the GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("module_cls", [MoCoLoss, ISDLoss, MSFLoss, ReSSLLoss])
+def test_loss_step_reads_no_scalars_from_the_device(module_cls):
+    """Loss, backward and enqueue never read a scalar back (the bank keeps host copies of its pointer and count);
+    the enqueue's value validation is a single batched read, done with tolist (not counted here)."""
+    import torch.utils._python_dispatch  # noqa: F401 - registers the submodule used by _ScalarReads
+
+    module = module_cls(16, 64, bank_dtype=torch.float32, backend="streaming")
+    query, target = batch(7)
+    with _ScalarReads() as reads:
+        for _ in range(2):
+            module(query, target).backward()
+    assert reads.count == 0
+    assert len(module.bank) == 64 and int(module.bank.ptr) == (64 * 0 + 12) % 64  # host copies match the buffers

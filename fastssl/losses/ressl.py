@@ -56,6 +56,11 @@ class ReSSLLoss(nn.Module):
         self.tau_student, self.tau_teacher, self.tau_infonce = tau_student, tau_teacher, tau_infonce
         self.warmup_steps, self.backend = warmup_steps, backend
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._host_step = 0  # host copy of ``step``: reading the buffer would wait for the GPU every call
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host_step = int(self.step)
 
     def alpha(self, step: int) -> float:
         """Weight of the relation loss at ``step``: step / warmup_steps, clipped to [0, 1]."""
@@ -64,7 +69,7 @@ class ReSSLLoss(nn.Module):
     def forward(
         self, student: torch.Tensor | Sequence[torch.Tensor], teacher: torch.Tensor, step: int | None = None
     ) -> torch.Tensor:
-        alpha = self.alpha(int(self.step) if step is None else step)
+        alpha = self.alpha(self._host_step if step is None else step)
         crops = [student] if isinstance(student, torch.Tensor) else list(student)
         loss = 0.0
         for crop in crops:
@@ -79,5 +84,6 @@ class ReSSLLoss(nn.Module):
         loss = loss / len(crops)
         if self.training:
             self.bank.enqueue(teacher.detach())
-            self.step += 1
+            self._host_step += 1
+            self.step.fill_(self._host_step)
         return loss
