@@ -116,7 +116,7 @@ def pick_config(d: int, plan: DotPlan, arch: int = 80) -> StatsConfig:
             f"bank_softmax_stats: fp32 banks are supported up to D=128 (got D={d}); store the bank in fp16/bf16 or "
             "use the streaming backend"
         )
-    return CONFIGS_SM90.get(key, CONFIGS[key]) if arch >= 90 else CONFIGS[key]
+    return CONFIGS_SM90.get(key, CONFIGS[key]) if arch == 90 else CONFIGS[key]  # measured on sm_90 only
 
 
 def num_splits_for(r: int, k: int, block_r: int, block_k: int, num_sms: int) -> int:

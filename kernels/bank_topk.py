@@ -14,7 +14,8 @@ their indices j, descending, ties broken towards the lower index. A sorting netw
 key32 is a monotone map of the float onto signed int32, and the low word is the inverted index, so among equal
 values the lower index has the larger key. All keys are distinct, which makes the selection a function of the set
 of candidates only: the result does not depend on block sizes, split counts or merge order (bitwise reproducible).
-Indices must be < 2^32; the launcher allows banks up to 2^31 rows and addresses them with int64 offsets.
+Indices must be < 2^32; the launcher allows banks up to 2^31 - 2^24 rows (split bounds are int32) and addresses
+them with int64 offsets.
 
 Streaming: program (row block, split) keeps the k best keys of each row seen so far as an UNSORTED list `best`
 (padded to KP = next power of two with +inf sentinels that are never the minimum), and their minimum, the running
@@ -29,7 +30,9 @@ merges the per-split lists — max(running ascending, next descending) is bitoni
 by one bitonic merge — and decodes the first k keys back to (value, index).
 
 Values are canonicalised (s + 0.0 turns -0.0 into +0.0) before packing, so equal floats are equal keys and ties
-follow the index, like a stable sort of the floats. NaN scores are never selected (no comparison with NaN is true).
+follow the index, like a stable sort of the floats. NaN and -inf scores are never selected (no comparison with NaN is
+true, and nothing is below the -inf start value); a row left with fewer than k selected (non-finite inputs) gets NaN
+values and in-range placeholder indices for the rest, instead of undefined ones.
 
 The networks are written here with min/max over size-2 axes of a [2, 2, ...] view of the tile rather than with
 ``tl.topk``/``tl.sort``, whose compare-exchange is an xor-reduction that Triton's CPU interpreter evaluates element by
@@ -102,7 +105,7 @@ def pick_config(d: int, plan: DotPlan, arch: int = 80) -> TopkConfig:
             f"bank_topk: fp32 banks are supported up to D=128 (got D={d}); store the bank in fp16/bf16 or use the "
             "streaming backend"
         )
-    return CONFIGS_SM90.get(key, CONFIGS[key]) if arch >= 90 else CONFIGS[key]
+    return CONFIGS_SM90.get(key, CONFIGS[key]) if arch == 90 else CONFIGS[key]  # measured on sm_90 only
 
 
 @triton.jit
@@ -286,6 +289,11 @@ def _bank_topk_merge_kernel(
     bits = tl.where(key32 >= 0, key32, key32 ^ 0x7FFFFFFF)
     values = bits.to(tl.float32, bitcast=True)
     indices = 4294967295 - (best & 4294967295)
+    # A slot still holding its start sentinel: the row had fewer than k selectable scores (NaN or -inf ones, from
+    # non-finite inputs). Like a stable sort of an all-NaN row: value NaN, index = the slot (always in range).
+    unfilled = best < -9223372036854775808 + 2147483648
+    values = tl.where(unfilled, float("nan"), values)
+    indices = tl.where(unfilled, offs_j[None, :].to(tl.int64), indices)
     out = rows[:, None] * k + offs_j[None, :]
     mask = n_ok[:, None] & (offs_j[None, :] < k)
     tl.store(values_ptr + out, values, mask=mask)
@@ -389,7 +397,7 @@ def bank_topk(
 
     Args:
         query: (N, D) fp16/bf16/fp32 queries (the caller normalises for cosine similarity).
-        bank: (K, D) fp16/bf16/fp32 bank rows, last dim contiguous, 1 <= k <= K < 2^31.
+        bank: (K, D) fp16/bf16/fp32 bank rows, last dim contiguous, 1 <= k <= K <= 2^31 - 2^24.
         k: number of neighbours, 1 <= k <= 256.
         num_splits, block_n, block_k, num_warps, num_stages: override the config table (tests use small blocks).
         allow_tf32: single TF32 products for fp32 inputs (default 3xTF32, fp32-accurate).
@@ -411,8 +419,8 @@ def bank_topk(
         raise ValueError(f"bank is on {bank.device}, query on {query.device}")
     if not 1 <= k <= min(num_keys, MAX_K):
         raise ValueError(f"k must be in [1, min(K={num_keys}, {MAX_K})], got {k}")
-    if num_keys >= 2**31:
-        raise ValueError(f"bank has {num_keys} rows; indices are packed into 32 bits (< 2^31 supported)")
+    if num_keys > 2**31 - 2**24:  # split bounds and the loop counter are int32 (with a margin for padding)
+        raise ValueError(f"bank has {num_keys} rows; at most 2^31 - 2^24 are supported (32-bit indices and bounds)")
 
     device = query.device
     values = torch.empty(n, k, dtype=torch.float32, device=device)

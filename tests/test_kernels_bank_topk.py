@@ -167,3 +167,27 @@ def test_int64_offsets_beyond_2pow31_elements() -> None:
     # The queries are fp16 rows (exact products), so the only error is fp32 accumulation of D = 512 products of unit
     # vectors: at most D·2^-24·Σ|q_i b_i| <= 3.1e-5 (an H100 measured 2.03e-6, over the 2e-6 the D <= 128 tests use).
     torch.testing.assert_close(values.double(), ref_values, rtol=0, atol=d * 2**-24)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_without_k_selectable_scores_get_in_range_placeholders(device: str) -> None:
+    """NaN scores (a NaN query) and -inf scores are never selected; the unfilled slots come back as NaN with the
+    slot's index, like a stable sort of an all-NaN row, so downstream gathers never see an out-of-range index."""
+    d, k = 32, 5
+    gen = torch.Generator().manual_seed(3)
+    bank = torch.randn(40, d, generator=gen)
+    bank[3:, 0] = float("inf")  # with query[1, 0] = -1 every row from 3 on scores -inf: only 3 selectable
+    bank[3:, 1:] = 0.0
+    query = torch.zeros(3, d)
+    query[0] = float("nan")
+    query[1, 0] = -1.0
+    query[2] = torch.randn(d, generator=gen)
+    query, bank = query.to(device), bank.to(device)
+    values, indices = bank_topk(query, bank, k, num_splits=3, **_launch_kwargs(device))
+    values, indices = values.cpu(), indices.cpu()
+    assert indices.min() >= 0 and indices.max() < bank.shape[0]
+    assert torch.isnan(values[0]).all() and indices[0].tolist() == [0, 1, 2, 3, 4]
+    assert torch.isfinite(values[1, :3]).all() and torch.isnan(values[1, 3:]).all()
+    assert sorted(indices[1, :3].tolist()) == [0, 1, 2] and indices[1, 3:].tolist() == [3, 4]
+    ref_values, ref_indices = oracle(query[2:].cpu().float(), bank.cpu().float(), k)  # a finite row is unaffected
+    assert torch.equal(indices[2:], ref_indices)

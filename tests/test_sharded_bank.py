@@ -75,8 +75,20 @@ def worker(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
             empty_error = ""
         except ValueError as error:
             empty_error = str(error)
+        # A bad input on rank 1 only (wrong key width): both ranks raise, rank 0 naming the other rank.
+        try:
+            moco_loss(student, teacher if rank == 0 else teacher[:, :4], bank, backend="streaming")
+            bad_error = ""
+        except ValueError as error:
+            bad_error = str(error)
         torch.save(
-            {"records": records, "topk_error": topk_error, "empty_error": empty_error, "shard": bank.keys.clone()},
+            {
+                "records": records,
+                "topk_error": topk_error,
+                "empty_error": empty_error,
+                "bad_error": bad_error,
+                "shard": bank.keys.clone(),
+            },
             f"{out_dir}/rank{rank}.pt",
         )
     finally:
@@ -107,6 +119,7 @@ def test_sharded_losses_equal_the_whole_bank(tmp_path):
         assert all(any(torch.equal(row, key) for key in latest) for row in shard[: min(7, latest.shape[0])])
         assert "sharded" in results[rank]["topk_error"]
         assert "no valid rows" in results[rank]["empty_error"]
+    assert "another rank" in results[0]["bad_error"] and "has shape" in results[1]["bad_error"]
 
 
 def test_sharded_needs_a_merging_backend():

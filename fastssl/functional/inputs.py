@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
 from fastssl.bank import MemoryBank
+from fastssl.collectives import agree, comm_device
 
 
 def normalized(x: torch.Tensor) -> torch.Tensor:
@@ -37,6 +41,25 @@ def check_embeddings(name: str, x: torch.Tensor, *, like: torch.Tensor | None = 
 def is_sharded_bank(bank: torch.Tensor | MemoryBank) -> bool:
     """Whether ``bank`` is one rank's shard of a bank split across ranks (a ``sharded`` MemoryBank, world > 1)."""
     return isinstance(bank, MemoryBank) and bank.is_sharded
+
+
+@contextmanager
+def checked_on_every_rank(bank: torch.Tensor | MemoryBank) -> Iterator[None]:
+    """Runs the input checks of a loss over a sharded bank so that a bad input on ONE rank raises on EVERY rank.
+
+    The loss then enters collectives that all ranks must join; a rank raising alone would leave the others waiting
+    forever. One all-reduce of a flag, and only for sharded banks (a no-op otherwise).
+    """
+    if not is_sharded_bank(bank):
+        yield
+        return
+    try:
+        yield
+    except (ValueError, TypeError):
+        agree(False, comm_device(bank.queue))
+        raise
+    if not agree(True, comm_device(bank.queue)):
+        raise ValueError("sharded bank: another rank passed an invalid input to this loss (see its error)")
 
 
 def bank_rows(bank: torch.Tensor | MemoryBank, query: torch.Tensor, *, shardable: bool = False) -> torch.Tensor:

@@ -7,7 +7,14 @@ from __future__ import annotations
 import torch
 
 from fastssl.bank import MemoryBank
-from fastssl.functional.inputs import bank_rows, check_embeddings, check_temperature, is_sharded_bank, normalized
+from fastssl.functional.inputs import (
+    bank_rows,
+    check_embeddings,
+    check_temperature,
+    checked_on_every_rank,
+    is_sharded_bank,
+    normalized,
+)
 from fastssl.ops.bank_info_nce import bank_info_nce
 
 
@@ -34,9 +41,10 @@ def moco_loss(
     Returns:
         fp32 scalar (fp64 for fp64 inputs), or (N,) with ``reduction="none"``.
     """
-    check_embeddings("query", query)
-    check_embeddings("key", key, like=query, like_name="query")
-    rows = bank_rows(bank, query, shardable=True)
-    tau = check_temperature("tau", tau)
+    with checked_on_every_rank(bank):
+        check_embeddings("query", query)
+        check_embeddings("key", key, like=query, like_name="query")
+        rows = bank_rows(bank, query, shardable=True)
+        tau = check_temperature("tau", tau)
     q, k = normalized(query), normalized(key.detach())
     return bank_info_nce(q, k, rows, tau, reduction=reduction, backend=backend, sharded=is_sharded_bank(bank))

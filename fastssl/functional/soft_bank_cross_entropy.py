@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from fastssl.bank import MemoryBank
-from fastssl.functional.inputs import bank_rows, check_embeddings, check_temperature, is_sharded_bank, normalized
+from fastssl.functional.inputs import (
+    bank_rows,
+    check_embeddings,
+    check_temperature,
+    checked_on_every_rank,
+    is_sharded_bank,
+    normalized,
+)
 from fastssl.ops.soft_bank_cross_entropy import soft_bank_cross_entropy as soft_bank_cross_entropy_op
 
 
@@ -38,11 +45,12 @@ def soft_bank_cross_entropy(
     Returns:
         fp32 scalar (fp64 for fp64 inputs), or (N,) with ``reduction="none"``.
     """
-    check_embeddings("student", student)
-    check_embeddings("teacher", teacher, like=student, like_name="student")
-    rows = bank_rows(bank, student, shardable=True)
-    tau_student = check_temperature("tau_student", tau_student)
-    tau_teacher = check_temperature("tau_teacher", tau_teacher)
+    with checked_on_every_rank(bank):
+        check_embeddings("student", student)
+        check_embeddings("teacher", teacher, like=student, like_name="student")
+        rows = bank_rows(bank, student, shardable=True)
+        tau_student = check_temperature("tau_student", tau_student)
+        tau_teacher = check_temperature("tau_teacher", tau_teacher)
     return soft_bank_cross_entropy_op(
         normalized(student),
         normalized(teacher.detach()),

@@ -56,7 +56,9 @@ class ReSSLLoss(nn.Module):
         self.tau_student, self.tau_teacher, self.tau_infonce = tau_student, tau_teacher, tau_infonce
         self.warmup_steps, self.backend = warmup_steps, backend
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._host_step = 0  # host copy of ``step``: reading the buffer would wait for the GPU every call
+        # Host copy of ``step``: reading the buffer would wait for the GPU every call. Set the step through
+        # load_state_dict (or pass ``step=`` to forward), not by writing the buffer in place.
+        self._host_step = 0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fastssl.collectives import agree, all_gather_rows, comm_device
+from fastssl.collectives import all_gather_rows, comm_device
 from fastssl.ops.bank_softmax_stats import bank_softmax_stats
 
 
@@ -53,13 +53,14 @@ def sharded_bank_softmax_stats(
     """
     device = comm_device(x)
     has_pos = pos is not None
-    ok = shard.shape[0] > 0
-    # One agreement round before any other collective: a rank that raised alone would leave the others waiting.
-    if not agree(ok, device):
+    # One agreement round before the other collectives (a rank raising alone would leave the others waiting): how
+    # many ranks have an empty shard, and how many passed a positive key.
+    flags = torch.tensor([int(shard.shape[0] == 0), int(has_pos)], device=device)
+    dist.all_reduce(flags)
+    empty_shards, pos_votes = flags.tolist()
+    if empty_shards:
         raise ValueError("sharded bank: a rank's shard has no valid rows yet (enqueue on every rank first)")
-    pos_votes = torch.tensor([int(has_pos)], device=device)
-    dist.all_reduce(pos_votes)
-    if int(pos_votes) not in (0, dist.get_world_size()):
+    if pos_votes not in (0, dist.get_world_size()):
         raise ValueError("sharded bank: some ranks passed a positive key and others did not")
 
     x_all, counts = all_gather_rows(x)

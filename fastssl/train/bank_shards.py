@@ -16,25 +16,32 @@ def _sharded_banks(model: nn.Module) -> dict[str, MemoryBank]:
 
 
 def gather_bank_shards(model: nn.Module) -> dict[str, list[dict[str, torch.Tensor]]] | None:
-    """Every sharded bank's buffers from every rank, by module name then rank; None without sharded banks.
+    """Every sharded bank's buffers from every rank on rank 0 (CPU tensors, by module name then rank); None on the
+    other ranks and without sharded banks.
 
-    A collective: every rank must call it (shards have equal shapes, so a plain all_gather suffices).
+    A collective: every rank must call it. Shards travel one at a time (send/recv to rank 0, then to the CPU), so no
+    GPU ever holds more than its own shard plus one other — gathering all of them would put the whole bank, which
+    sharding exists to avoid, on every GPU.
     """
     banks = _sharded_banks(model)
     if not banks:
         return None
-    world = dist.get_world_size()
+    world, rank = dist.get_world_size(), dist.get_rank()
     shards: dict[str, list[dict[str, torch.Tensor]]] = {}
     for name, bank in banks.items():
         per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
         for key, tensor in bank.state_dict().items():
             local = tensor.to(comm_device(tensor))
-            parts = [torch.empty_like(local) for _ in range(world)]
-            dist.all_gather(parts, local)
-            for rank, part in enumerate(parts):
-                per_rank[rank][key] = part.cpu()
+            if rank == 0:
+                per_rank[0][key] = local.cpu()
+                for source in range(1, world):
+                    incoming = torch.empty_like(local)
+                    dist.recv(incoming, src=source)
+                    per_rank[source][key] = incoming.cpu()
+            else:
+                dist.send(local, dst=0)
         shards[name] = per_rank
-    return shards
+    return shards if rank == 0 else None
 
 
 def restore_bank_shards(model: nn.Module, shards: dict[str, list[dict[str, torch.Tensor]]] | None) -> None:

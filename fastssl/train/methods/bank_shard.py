@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
 from fastssl.bank import MemoryBank
 from fastssl.collectives import distributed_world
 from fastssl.train.config import MethodConfig
@@ -14,5 +18,13 @@ def method_bank(method: MethodConfig, dim: int) -> MemoryBank | None:
     while each GPU stores and streams only its part."""
     if not method.shard_bank:
         return None
-    rows = -(-method.bank_size // distributed_world())
-    return MemoryBank(rows, dim, dtype=bank_dtype(method), init="random", sharded=True)
+    world = distributed_world()
+    rows = -(-method.bank_size // world)
+    bank = MemoryBank(rows, dim, dtype=bank_dtype(method), init="random", sharded=True)
+    if world > 1:
+        # Every rank seeds its RNG alike, so the default random rows would repeat on every rank: the whole bank would
+        # start as `rows` distinct keys, each `world` times. A per-rank generator gives bank_size distinct keys.
+        gen = torch.Generator().manual_seed(torch.initial_seed() + dist.get_rank())
+        keys = F.normalize(torch.randn(rows, dim, generator=gen), dim=1)
+        bank.queue.copy_(keys.to(bank.queue.dtype))
+    return bank
