@@ -34,6 +34,9 @@ def test_smoke_run_writes_consistent_rows(tmp_path):
         assert row["step_ms"] > 0 and row["loss_ms"] > 0
         assert math.isclose(row["images_per_s"], row["batch"] / row["step_ms"] * 1e3, rel_tol=1e-9)
         assert math.isclose(row["loss_share_pct"], 100 * row["loss_ms"] / row["step_ms"], rel_tol=1e-9)
+        assert row["step_no_bank_ms"] > 0
+        expected = 100 * (row["step_ms"] - row["step_no_bank_ms"]) / row["step_ms"]
+        assert math.isclose(row["marginal_share_pct"], expected, rel_tol=1e-9)
         assert row["bank"] == 256 and row["dim"] == 32
     # The profile of the loss step names the fused loss op (ISD) and the top-k search (MSF).
     assert "SoftBankCrossEntropyFunction" in (tmp_path / "bench_train_step_profile_tiny_isd.txt").read_text()
