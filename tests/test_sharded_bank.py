@@ -8,13 +8,13 @@ its own rows; the oracle is the fp64 materializing reference over the concatenat
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from backends import STATS_BACKENDS
+from conftest import free_port
 
 from fastssl import MemoryBank
 from fastssl.functional import isd_loss, moco_loss, msf_loss, ressl_loss
@@ -28,12 +28,6 @@ LOSSES = {
     "ressl": lambda s, t, bank, backend: ressl_loss(s, t, bank, backend=backend),
     "moco": lambda s, t, bank, backend: moco_loss(s, t, bank, backend=backend),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,23 +4,17 @@ shard, weights stay identical, and a resumed run gives every rank back its own s
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from fastssl.train.config import ConfigError, load_config
 
 OVERRIDES = ["run.max_steps=3", "run.deterministic=true", "method.shard_bank=true", "run.knn_every=0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(out_dir: str) -> None:
