@@ -21,6 +21,21 @@ def normalized(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x if x.dtype == torch.float64 else x.float(), dim=1)
 
 
+QUERY_PRECISIONS = ("float32", "bank")
+
+
+def query_rows(x: torch.Tensor, rows: torch.Tensor, query_precision: str) -> torch.Tensor:
+    """Normalized rows ``x`` as the kernels get them: kept in fp32 (``"float32"``, fp32-accurate logits: the kernels
+    split each query into two or three 16-bit terms) or rounded to a 16-bit bank's dtype (``"bank"``: one
+    tensor-core dot per tile; the query then carries the same 2^-11 (fp16) or 2^-8 (bf16) relative rounding as the
+    bank rows, moving a τ = 0.01 logit by up to ~0.1 (fp16)). fp32/fp64 banks keep the query as it is."""
+    if query_precision not in QUERY_PRECISIONS:
+        raise ValueError(f"query_precision must be one of {QUERY_PRECISIONS}, got {query_precision!r}")
+    if query_precision == "bank" and rows.dtype in (torch.float16, torch.bfloat16):
+        return x.to(rows.dtype)
+    return x
+
+
 def check_embeddings(name: str, x: torch.Tensor, *, like: torch.Tensor | None = None, like_name: str = "") -> None:
     """Raises a clear error unless ``x`` is a finite-shaped (N, D) floating tensor matching ``like``'s shape/device."""
     if not isinstance(x, torch.Tensor):

@@ -17,6 +17,7 @@ def isd_loss(
     tau_teacher: float = 0.01,
     *,
     backend: str = "auto",
+    query_precision: str = "float32",
 ) -> torch.Tensor:
     """ISD loss: KL(p_t‖p_s) of the teacher's and student's similarity distributions over the bank, batch mean.
 
@@ -30,8 +31,11 @@ def isd_loss(
         tau_student: τ_s (paper: 0.1).
         tau_teacher: τ_t (paper: 0.01).
         backend: see :func:`fastssl.functional.soft_bank_cross_entropy`.
+        query_precision: ``"float32"`` or ``"bank"``, see :func:`fastssl.functional.soft_bank_cross_entropy`.
 
     Returns:
         fp32 scalar.
     """
-    return soft_bank_cross_entropy(student, teacher, bank, tau_student, tau_teacher, kl=True, backend=backend)
+    return soft_bank_cross_entropy(
+        student, teacher, bank, tau_student, tau_teacher, kl=True, backend=backend, query_precision=query_precision
+    )

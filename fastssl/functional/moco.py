@@ -14,6 +14,7 @@ from fastssl.functional.inputs import (
     checked_on_every_rank,
     is_sharded_bank,
     normalized,
+    query_rows,
 )
 from fastssl.ops.bank_info_nce import bank_info_nce
 
@@ -26,6 +27,7 @@ def moco_loss(
     *,
     reduction: str = "mean",
     backend: str = "auto",
+    query_precision: str = "float32",
 ) -> torch.Tensor:
     """InfoNCE with logits [q·k⁺, q·Bᵀ]/τ and label 0, as in MoCo's ``builder.py``.
 
@@ -37,6 +39,7 @@ def moco_loss(
         tau: temperature τ (MoCo v2: 0.2).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         backend: ``"auto"`` | ``"reference"`` | ``"streaming"`` | ``"triton"``.
+        query_precision: ``"float32"`` or ``"bank"``, see :func:`~fastssl.functional.soft_bank_cross_entropy`.
 
     Returns:
         fp32 scalar (fp64 for fp64 inputs), or (N,) with ``reduction="none"``.
@@ -46,5 +49,6 @@ def moco_loss(
         check_embeddings("key", key, like=query, like_name="query")
         rows = bank_rows(bank, query, shardable=True)
         tau = check_temperature("tau", tau)
-    q, k = normalized(query), normalized(key.detach())
+    q = query_rows(normalized(query), rows, query_precision)
+    k = query_rows(normalized(key.detach()), rows, query_precision)
     return bank_info_nce(q, k, rows, tau, reduction=reduction, backend=backend, sharded=is_sharded_bank(bank))

@@ -17,6 +17,7 @@ def ressl_loss(
     tau_teacher: float = 0.04,
     *,
     backend: str = "auto",
+    query_precision: str = "float32",
 ) -> torch.Tensor:
     """ReSSL relational consistency loss: CE(softmax(t·Bᵀ/τ_t), softmax(s·Bᵀ/τ_s)), mean over the batch.
 
@@ -30,8 +31,11 @@ def ressl_loss(
         tau_student: τ_s (0.1).
         tau_teacher: τ_t (0.04; 0.03 in the ImageNet journal setting).
         backend: see :func:`fastssl.functional.soft_bank_cross_entropy`.
+        query_precision: ``"float32"`` or ``"bank"``, see :func:`fastssl.functional.soft_bank_cross_entropy`.
 
     Returns:
         fp32 scalar.
     """
-    return soft_bank_cross_entropy(student, teacher, bank, tau_student, tau_teacher, kl=False, backend=backend)
+    return soft_bank_cross_entropy(
+        student, teacher, bank, tau_student, tau_teacher, kl=False, backend=backend, query_precision=query_precision
+    )

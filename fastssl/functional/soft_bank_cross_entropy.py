@@ -12,6 +12,7 @@ from fastssl.functional.inputs import (
     checked_on_every_rank,
     is_sharded_bank,
     normalized,
+    query_rows,
 )
 from fastssl.ops.soft_bank_cross_entropy import soft_bank_cross_entropy as soft_bank_cross_entropy_op
 
@@ -26,6 +27,7 @@ def soft_bank_cross_entropy(
     kl: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    query_precision: str = "float32",
 ) -> torch.Tensor:
     """Per row CE(softmax(t·Bᵀ/τ_t), softmax(s·Bᵀ/τ_s)); with ``kl=True`` the KL divergence KL(p_t‖p_s).
 
@@ -41,6 +43,9 @@ def soft_bank_cross_entropy(
         kl: subtract the teacher entropy, giving KL(p_t‖p_s).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
         backend: ``"auto"`` | ``"reference"`` | ``"streaming"`` | ``"triton"``.
+        query_precision: ``"float32"`` (default: fp32-accurate logits) or ``"bank"`` (queries rounded to a 16-bit
+            bank's dtype: one tensor-core dot instead of two or three; see
+            :func:`~fastssl.functional.inputs.query_rows`).
 
     Returns:
         fp32 scalar (fp64 for fp64 inputs), or (N,) with ``reduction="none"``.
@@ -52,8 +57,8 @@ def soft_bank_cross_entropy(
         tau_student = check_temperature("tau_student", tau_student)
         tau_teacher = check_temperature("tau_teacher", tau_teacher)
     return soft_bank_cross_entropy_op(
-        normalized(student),
-        normalized(teacher.detach()),
+        query_rows(normalized(student), rows, query_precision),
+        query_rows(normalized(teacher.detach()), rows, query_precision),
         rows,
         tau_student,
         tau_teacher,

@@ -21,6 +21,8 @@ class ISDLoss(nn.Module):
         bank: an existing :class:`~fastssl.MemoryBank` to use instead of building one.
         bank_dtype: storage dtype of a new bank.
         backend: loss backend (``"auto"`` picks Triton on CUDA).
+        query_precision: ``"float32"`` (fp32-accurate logits) or ``"bank"`` (queries rounded to the bank's 16-bit
+            dtype: faster kernels), see :func:`fastssl.functional.soft_bank_cross_entropy`.
 
     Shape:
         student, teacher: (N, D) → scalar.
@@ -36,13 +38,23 @@ class ISDLoss(nn.Module):
         bank: MemoryBank | None = None,
         bank_dtype: torch.dtype = torch.float16,
         backend: str = "auto",
+        query_precision: str = "float32",
     ) -> None:
         super().__init__()
         self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=False)
         self.tau_student, self.tau_teacher, self.backend = tau_student, tau_teacher, backend
+        self.query_precision = query_precision
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        loss = isd_loss(student, teacher, self.bank, self.tau_student, self.tau_teacher, backend=self.backend)
+        loss = isd_loss(
+            student,
+            teacher,
+            self.bank,
+            self.tau_student,
+            self.tau_teacher,
+            backend=self.backend,
+            query_precision=self.query_precision,
+        )
         if self.training:
             self.bank.enqueue(teacher.detach())
         return loss

@@ -20,6 +20,8 @@ class MoCoLoss(nn.Module):
         bank: an existing :class:`~fastssl.MemoryBank`.
         bank_dtype: storage dtype of a new bank.
         backend: loss backend.
+        query_precision: ``"float32"`` (fp32-accurate logits) or ``"bank"`` (queries rounded to the bank's 16-bit
+            dtype: faster kernels), see :func:`fastssl.functional.soft_bank_cross_entropy`.
 
     Shape:
         query, key: (N, D) → scalar.
@@ -34,13 +36,14 @@ class MoCoLoss(nn.Module):
         bank: MemoryBank | None = None,
         bank_dtype: torch.dtype = torch.float16,
         backend: str = "auto",
+        query_precision: str = "float32",
     ) -> None:
         super().__init__()
         self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=False)
-        self.tau, self.backend = tau, backend
+        self.tau, self.backend, self.query_precision = tau, backend, query_precision
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        loss = moco_loss(query, key, self.bank, self.tau, backend=self.backend)
+        loss = moco_loss(query, key, self.bank, self.tau, backend=self.backend, query_precision=self.query_precision)
         if self.training:
             self.bank.enqueue(key.detach())
         return loss

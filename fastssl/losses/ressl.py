@@ -29,6 +29,8 @@ class ReSSLLoss(nn.Module):
         bank: an existing :class:`~fastssl.MemoryBank`.
         bank_dtype: storage dtype of a new bank.
         backend: loss backend.
+        query_precision: ``"float32"`` (fp32-accurate logits) or ``"bank"`` (queries rounded to the bank's 16-bit
+            dtype: faster kernels), see :func:`fastssl.functional.soft_bank_cross_entropy`.
 
     Shape:
         student: (N, D), or a list of (N, D) for multi-crop (each crop against the one weak-view target; the loss is
@@ -48,13 +50,14 @@ class ReSSLLoss(nn.Module):
         bank: MemoryBank | None = None,
         bank_dtype: torch.dtype = torch.float16,
         backend: str = "auto",
+        query_precision: str = "float32",
     ) -> None:
         super().__init__()
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=False)
         self.tau_student, self.tau_teacher, self.tau_infonce = tau_student, tau_teacher, tau_infonce
-        self.warmup_steps, self.backend = warmup_steps, backend
+        self.warmup_steps, self.backend, self.query_precision = warmup_steps, backend, query_precision
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         # Host copy of ``step``: reading the buffer would wait for the GPU every call. Set the step through
         # load_state_dict (or pass ``step=`` to forward), not by writing the buffer in place.
@@ -77,11 +80,24 @@ class ReSSLLoss(nn.Module):
         for crop in crops:
             if alpha > 0:
                 relation = ressl_loss(
-                    crop, teacher, self.bank, self.tau_student, self.tau_teacher, backend=self.backend
+                    crop,
+                    teacher,
+                    self.bank,
+                    self.tau_student,
+                    self.tau_teacher,
+                    backend=self.backend,
+                    query_precision=self.query_precision,
                 )
                 loss = loss + alpha * relation
             if alpha < 1:
-                infonce = moco_loss(crop, teacher, self.bank, self.tau_infonce, backend=self.backend)
+                infonce = moco_loss(
+                    crop,
+                    teacher,
+                    self.bank,
+                    self.tau_infonce,
+                    backend=self.backend,
+                    query_precision=self.query_precision,
+                )
                 loss = loss + (1 - alpha) * infonce
         loss = loss / len(crops)
         if self.training:

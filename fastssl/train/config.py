@@ -68,6 +68,7 @@ class MethodConfig:
     sdssl_ratio: float = 1.0  # final α of the SDSSL cosine schedule
     sdssl_base: str = "mocov3"  # mocov3 | byol
     loss_backend: str = "auto"
+    query_precision: str = "float32"  # float32 | bank: queries rounded to the 16-bit bank dtype (ISD, ReSSL, MoCo v2)
 
 
 @dataclass
@@ -128,6 +129,7 @@ CHOICES = {
     "data.backend": ("auto", "dali", "torchvision"),
     "method.name": METHODS,
     "method.bank_dtype": ("float16", "bfloat16", "float32"),
+    "method.query_precision": ("float32", "bank"),
     "method.momentum_schedule": ("constant", "cosine"),
     "method.sdssl_base": ("mocov3", "byol"),
     "method.loss_backend": ("auto", "reference", "streaming", "triton"),

@@ -19,6 +19,7 @@ class ISD(Method):
             tau_teacher=m.tau_teacher,
             bank_dtype=bank_dtype(m),
             backend=m.loss_backend,
+            query_precision=m.query_precision,
             bank=method_bank(m, self.embed_dim),
         )
 

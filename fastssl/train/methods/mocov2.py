@@ -18,6 +18,7 @@ class MoCoV2(Method):
             tau=m.tau,
             bank_dtype=bank_dtype(m),
             backend=m.loss_backend,
+            query_precision=m.query_precision,
             bank=method_bank(m, self.embed_dim),
         )
 

@@ -21,6 +21,7 @@ class ReSSL(Method):
             tau_infonce=m.tau,
             bank_dtype=bank_dtype(m),
             backend=m.loss_backend,
+            query_precision=m.query_precision,
             bank=method_bank(m, self.embed_dim),
         )
 

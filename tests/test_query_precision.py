@@ -1,0 +1,87 @@
+"""query_precision="bank": queries rounded to the 16-bit bank dtype before the fused ops, against an fp64 oracle that
+rounds the normalized queries the same way (and the default "float32" against one that does not)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from backends import STATS_BACKENDS, device_for
+
+from fastssl.functional import isd_loss, moco_loss, ressl_loss
+from fastssl.losses import ISDLoss
+from fastssl.train.config import ConfigError, load_config
+
+
+def rounded_oracle(s, t, bank, tau_s, tau_t, kl, query_dtype):
+    """fp64 −Σ p log q (+ Σ p log p) with both normalized rows rounded to ``query_dtype`` first."""
+    b = bank.double().cpu()
+    q_s = F.normalize(s.double().cpu(), dim=1).to(query_dtype).double()
+    q_t = F.normalize(t.double().cpu(), dim=1).to(query_dtype).double()
+    log_q = torch.log_softmax(q_s @ b.T / tau_s, dim=1)
+    log_p = torch.log_softmax(q_t @ b.T / tau_t, dim=1)
+    rows = -(log_p.exp() * log_q).sum(1) + (kl * (log_p.exp() * log_p).sum(1) if kl else 0)
+    return rows.mean()
+
+
+def moco_oracle(q, k, bank, tau, query_dtype):
+    qn = F.normalize(q.double().cpu(), dim=1).to(query_dtype).double()
+    kn = F.normalize(k.double().cpu(), dim=1).to(query_dtype).double()
+    logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ bank.double().cpu().T], dim=1) / tau
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", ["reference", *STATS_BACKENDS])
+@pytest.mark.parametrize("bank_dtype", [torch.float16, torch.float32], ids=str)
+def test_bank_precision_queries_match_a_rounded_oracle(backend, bank_dtype):
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(6, 128, generator=g), torch.randn(6, 128, generator=g)
+    bank = F.normalize(torch.randn(50, 128, generator=g), dim=1).to(bank_dtype)
+    # An fp32 bank keeps fp32 queries: "bank" rounds to 16-bit banks only.
+    query_dtype = bank_dtype if bank_dtype != torch.float32 else torch.float32
+    s_dev, t_dev, bank_dev = s.to(device).requires_grad_(), t.to(device), bank.to(device)
+    cases = [
+        (isd_loss, 0.1, 0.01, True),
+        (ressl_loss, 0.1, 0.04, False),
+    ]
+    # The Triton kernel also rounds the softmax weights P to a 16-bit bank's dtype for the P·B dot (the bound derived
+    # in test_soft_bank_cross_entropy.test_matches_fp64_oracle): u = 2^-11 per weight moves the loss by at most
+    # u/τ_s (+ u/τ_t for the KL's entropy term); InfoNCE by u/τ.
+    u = 2.0**-11 if backend == "triton" and bank_dtype == torch.float16 else 0.0
+    for loss_fn, tau_s, tau_t, kl in cases:
+        got = loss_fn(s_dev, t_dev, bank_dev, tau_s, tau_t, backend=backend, query_precision="bank")
+        expected = rounded_oracle(s, t, bank, tau_s, tau_t, kl, query_dtype)
+        # fp32 accumulation alone (u = 0) stays near 1e-6 here, so the fp16 rounding of the queries, which moves
+        # these losses by 5.7e-5 and 2.3e-4 on these inputs, is resolved.
+        atol = 5e-6 + u * (1 / tau_s + (1 / tau_t if kl else 0.0))
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=0, atol=atol)
+    got = moco_loss(s_dev, t_dev, bank_dev, 0.2, backend=backend, query_precision="bank")
+    expected = moco_oracle(s, t, bank, 0.2, query_dtype)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=0, atol=5e-6 + u / 0.2)
+
+
+def test_rounding_changes_the_loss_only_by_the_query_rounding():
+    """fp16-rounded queries at τ_t = 0.01 move the ISD loss, but the default keeps fp32 queries (the unrounded
+    oracle), and the two differ by much less than the loss itself."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(8, 64, generator=g), torch.randn(8, 64, generator=g)
+    bank = F.normalize(torch.randn(200, 64, generator=g), dim=1).half()
+    exact = rounded_oracle(s, t, bank, 0.1, 0.01, True, torch.float64)
+    default = isd_loss(s, t, bank, backend="streaming")
+    fast = isd_loss(s, t, bank, backend="streaming", query_precision="bank")
+    torch.testing.assert_close(default.double(), exact, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fast, default)
+    assert abs(float(fast) - float(default)) < 0.05 * abs(float(default))
+
+
+def test_bad_query_precision_is_named():
+    s, t, bank = torch.randn(2, 8), torch.randn(2, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match="query_precision"):
+        isd_loss(s, t, bank, query_precision="half")
+    with pytest.raises(ConfigError, match="method.query_precision"):
+        load_config("tiny_isd", ["method.query_precision=fp16"])
+    module = ISDLoss(8, 16, query_precision="bank", backend="streaming")
+    bank_before = module.bank.keys.clone()  # the module enqueues t after its loss
+    expected = isd_loss(s, t, bank_before, backend="streaming", query_precision="bank")
+    torch.testing.assert_close(module(s, t), expected)
