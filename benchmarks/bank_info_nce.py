@@ -8,6 +8,8 @@ Providers (each checked against the reference's loss and query gradient before i
              compute_log_sumexp=True) gives the bank's μ and LSE; the positive is merged in closed form; gradient
              (μ − k⁺)/τ
   triton     backend="triton": the fused split-K kernels of fastssl.kernels
+  triton_bankq  the same with query_precision="bank": queries rounded to the 16-bit bank dtype (one tensor-core dot
+             per tile instead of two; its loss differs from the fp32-query reference by that rounding)
 
 Usage: python benchmarks/bank_info_nce.py [--shapes targets] [--smoke]
 """
@@ -60,8 +62,8 @@ def sdpa_info_nce(query: torch.Tensor, key: torch.Tensor, bank: torch.Tensor) ->
 
 
 def providers(smoke: bool) -> dict[str, Callable]:
-    def backend(name: str) -> Callable:
-        return lambda q, k, b: FF.moco_loss(q, k, b, TAU, backend=name)
+    def backend(name: str, query_precision: str = "float32") -> Callable:
+        return lambda q, k, b: FF.moco_loss(q, k, b, TAU, backend=name, query_precision=query_precision)
 
     compiled = torch.compile(backend("reference"), backend="aot_eager" if smoke else "inductor", dynamic=False)
     return {
@@ -70,6 +72,7 @@ def providers(smoke: bool) -> dict[str, Callable]:
         "streaming": backend("streaming"),
         "sdpa": sdpa_info_nce,
         "triton": backend("triton"),
+        "triton_bankq": backend("triton", "bank"),
     }
 
 

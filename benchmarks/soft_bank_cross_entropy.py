@@ -7,6 +7,8 @@ Providers (each checked against the reference's loss and student gradient before
   sdpa       composition with torch's fused attention: one memory-efficient SDPA call per side (V = K = bank,
              compute_log_sumexp=True) gives μ and the LSE; loss = lse_s − s·μ_t/τ_s, gradient (μ_s − μ_t)/τ_s
   triton     backend="triton": the fused split-K kernels of fastssl.kernels
+  triton_bankq  the same with query_precision="bank": queries rounded to the 16-bit bank dtype (one tensor-core dot
+             per tile instead of two; its loss differs from the fp32-query reference by that rounding)
 
 Usage: python benchmarks/soft_bank_cross_entropy.py [--shapes targets] [--smoke]
 """
@@ -61,8 +63,10 @@ def sdpa_soft_ce(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Tenso
 
 
 def providers(smoke: bool) -> dict[str, Callable]:
-    def backend(name: str) -> Callable:
-        return lambda s, t, b: FF.soft_bank_cross_entropy(s, t, b, TAU_S, TAU_T, backend=name)
+    def backend(name: str, query_precision: str = "float32") -> Callable:
+        return lambda s, t, b: FF.soft_bank_cross_entropy(
+            s, t, b, TAU_S, TAU_T, backend=name, query_precision=query_precision
+        )
 
     compiled = torch.compile(backend("reference"), backend="aot_eager" if smoke else "inductor", dynamic=False)
     return {
@@ -71,6 +75,7 @@ def providers(smoke: bool) -> dict[str, Callable]:
         "streaming": backend("streaming"),
         "sdpa": sdpa_soft_ce,
         "triton": backend("triton"),
+        "triton_bankq": backend("triton", "bank"),
     }
 
 

@@ -17,8 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {
-    "soft_bank_cross_entropy": {"reference", "compile", "streaming", "sdpa", "triton"},
-    "bank_info_nce": {"reference", "compile", "streaming", "sdpa", "triton"},
+    "soft_bank_cross_entropy": {"reference", "compile", "streaming", "sdpa", "triton", "triton_bankq"},
+    "bank_info_nce": {"reference", "compile", "streaming", "sdpa", "triton", "triton_bankq"},
     "bank_topk": {"reference", "compile", "streaming", "torch_mm", "triton"},
     "bank_memory": {"setup", "reference", "streaming"},
 }
