@@ -115,11 +115,11 @@ def measure(
 
     step_no_bank()  # first calls allocate and spin up thread pools: keep them out of whichever is timed first
     step()
-    # The step is timed before and after its no-bank twin, keeping the faster, so a drift between the two timings
-    # (clocks, allocator) does not read as a cost of the bank loss.
-    step_ms = harness.time_ms(step, warmup=warmup, rep=rep, device=device)
-    step_no_bank_ms = harness.time_ms(step_no_bank, warmup=warmup, rep=rep, device=device)
-    step_ms = min(step_ms, harness.time_ms(step, warmup=warmup, rep=rep, device=device))
+    # Timed symmetrically (step, no-bank, no-bank, step), keeping each one's faster run, so neither a drift (clocks,
+    # allocator) nor a different number of tries reads as a cost of the bank loss.
+    first = harness.time_ms(step, warmup=warmup, rep=rep, device=device)
+    step_no_bank_ms = min(harness.time_ms(step_no_bank, warmup=warmup, rep=rep, device=device) for _ in range(2))
+    step_ms = min(first, harness.time_ms(step, warmup=warmup, rep=rep, device=device))
     loss_ms = harness.time_ms(loss_only, warmup=warmup, rep=rep, device=device)
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 
 import torch
 
@@ -30,10 +29,3 @@ def kernel_available(name: str) -> bool:
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     return importlib.util.find_spec(f"fastssl.kernels.{name}") is not None
-
-
-def free_port() -> int:
-    """A free localhost TCP port for a test's process group rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

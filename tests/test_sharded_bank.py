@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from backends import STATS_BACKENDS
-from conftest import free_port
+from ports import free_port
 
 from fastssl import MemoryBank
 from fastssl.functional import isd_loss, moco_loss, msf_loss, ressl_loss

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import free_port
+from ports import free_port
 
 
 def worker(out_dir: str) -> None:

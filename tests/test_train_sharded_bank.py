@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from ports import free_port
 
 from fastssl.train.config import ConfigError, load_config
 

@@ -24,16 +24,24 @@ def normalized(x: torch.Tensor) -> torch.Tensor:
 QUERY_PRECISIONS = ("float32", "bank")
 
 
-def query_rows(x: torch.Tensor, rows: torch.Tensor, query_precision: str) -> torch.Tensor:
-    """Normalized rows ``x`` as the kernels get them: kept in fp32 (``"float32"``, fp32-accurate logits: the kernels
-    split each query into two or three 16-bit terms) or rounded to a 16-bit bank's dtype (``"bank"``: one
-    tensor-core dot per tile; the query then carries the same 2^-11 (fp16) or 2^-8 (bf16) relative rounding as the
-    bank rows, moving a τ = 0.01 logit by up to ~0.1 (fp16)). fp32/fp64 banks keep the query as it is."""
+def check_query_precision(query_precision: str) -> str:
+    """``query_precision`` must be one of :data:`QUERY_PRECISIONS`; returns it."""
     if query_precision not in QUERY_PRECISIONS:
         raise ValueError(f"query_precision must be one of {QUERY_PRECISIONS}, got {query_precision!r}")
-    if query_precision == "bank" and rows.dtype in (torch.float16, torch.bfloat16):
-        return x.to(rows.dtype)
-    return x
+    return query_precision
+
+
+def query_dtype_for(rows: torch.Tensor, query: torch.Tensor, query_precision: str) -> torch.dtype | None:
+    """The dtype the bank ops round the normalized queries to: None for ``"float32"`` (fp32-accurate logits: the
+    kernels split each query into two or three 16-bit terms), the bank's dtype for ``"bank"`` with a 16-bit bank (one
+    tensor-core dot per tile; the queries then carry the bank rows' own 2^-11 (fp16) or 2^-8 (bf16) relative rounding,
+    which moves a τ = 0.01 logit by up to ~0.1 for fp16). Only the forward values are rounded: the gradient is not.
+    fp64 queries are never rounded (they ask for an fp64 loss)."""
+    if check_query_precision(query_precision) == "bank" and rows.dtype in (torch.float16, torch.bfloat16):
+        if query.dtype == torch.float64:
+            return None
+        return rows.dtype
+    return None
 
 
 def check_embeddings(name: str, x: torch.Tensor, *, like: torch.Tensor | None = None, like_name: str = "") -> None:

@@ -14,7 +14,7 @@ from fastssl.functional.inputs import (
     checked_on_every_rank,
     is_sharded_bank,
     normalized,
-    query_rows,
+    query_dtype_for,
 )
 from fastssl.ops.bank_info_nce import bank_info_nce
 
@@ -49,6 +49,14 @@ def moco_loss(
         check_embeddings("key", key, like=query, like_name="query")
         rows = bank_rows(bank, query, shardable=True)
         tau = check_temperature("tau", tau)
-    q = query_rows(normalized(query), rows, query_precision)
-    k = query_rows(normalized(key.detach()), rows, query_precision)
-    return bank_info_nce(q, k, rows, tau, reduction=reduction, backend=backend, sharded=is_sharded_bank(bank))
+    query_dtype = query_dtype_for(rows, query, query_precision)
+    return bank_info_nce(
+        normalized(query),
+        normalized(key.detach()),
+        rows,
+        tau,
+        reduction=reduction,
+        backend=backend,
+        sharded=is_sharded_bank(bank),
+        query_dtype=query_dtype,
+    )

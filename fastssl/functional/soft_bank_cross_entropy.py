@@ -12,7 +12,7 @@ from fastssl.functional.inputs import (
     checked_on_every_rank,
     is_sharded_bank,
     normalized,
-    query_rows,
+    query_dtype_for,
 )
 from fastssl.ops.soft_bank_cross_entropy import soft_bank_cross_entropy as soft_bank_cross_entropy_op
 
@@ -45,7 +45,7 @@ def soft_bank_cross_entropy(
         backend: ``"auto"`` | ``"reference"`` | ``"streaming"`` | ``"triton"``.
         query_precision: ``"float32"`` (default: fp32-accurate logits) or ``"bank"`` (queries rounded to a 16-bit
             bank's dtype: one tensor-core dot instead of two or three; see
-            :func:`~fastssl.functional.inputs.query_rows`).
+            :func:`~fastssl.functional.inputs.query_dtype_for`).
 
     Returns:
         fp32 scalar (fp64 for fp64 inputs), or (N,) with ``reduction="none"``.
@@ -57,8 +57,8 @@ def soft_bank_cross_entropy(
         tau_student = check_temperature("tau_student", tau_student)
         tau_teacher = check_temperature("tau_teacher", tau_teacher)
     return soft_bank_cross_entropy_op(
-        query_rows(normalized(student), rows, query_precision),
-        query_rows(normalized(teacher.detach()), rows, query_precision),
+        normalized(student),
+        normalized(teacher.detach()),
         rows,
         tau_student,
         tau_teacher,
@@ -66,4 +66,5 @@ def soft_bank_cross_entropy(
         reduction=reduction,
         backend=backend,
         sharded=is_sharded_bank(bank),
+        query_dtype=query_dtype_for(rows, student, query_precision),
     )

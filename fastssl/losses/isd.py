@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastssl.bank import MemoryBank
+from fastssl.functional.inputs import check_query_precision
 from fastssl.functional.isd import isd_loss
 from fastssl.losses.bank_owner import own_or_given_bank
 
@@ -43,7 +44,7 @@ class ISDLoss(nn.Module):
         super().__init__()
         self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=False)
         self.tau_student, self.tau_teacher, self.backend = tau_student, tau_teacher, backend
-        self.query_precision = query_precision
+        self.query_precision = check_query_precision(query_precision)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         loss = isd_loss(

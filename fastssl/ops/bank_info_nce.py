@@ -17,14 +17,22 @@ import torch.nn.functional as F
 
 from fastssl.ops.backend import accumulation_dtype, resolve_backend, triton_serves
 from fastssl.ops.bank_softmax_stats import bank_softmax_stats
+from fastssl.ops.query_dtype import rounded_rows
 from fastssl.ops.reduction import reduce_rows, scale_saved_gradient
 from fastssl.ops.sharded_bank_softmax_stats import sharded_bank_softmax_stats
 
 
 def bank_info_nce_reference(
-    query: torch.Tensor, key: torch.Tensor, bank: torch.Tensor, tau: float, *, reduction: str = "mean"
+    query: torch.Tensor,
+    key: torch.Tensor,
+    bank: torch.Tensor,
+    tau: float,
+    *,
+    reduction: str = "mean",
+    query_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Materializing oracle: logits [q·k⁺, q·Bᵀ]/τ with label 0, as in MoCo's builder."""
+    query, key = rounded_rows(query, query_dtype), rounded_rows(key, query_dtype)
     acc_dtype = accumulation_dtype(query, key, bank)
     q = query.to(acc_dtype)
     l_pos = (q * key.detach().to(acc_dtype)).sum(dim=1, keepdim=True)  # (N, 1)
@@ -38,15 +46,16 @@ class BankInfoNCEFunction(torch.autograd.Function):
     """Loss and gradient from one bank pass; saves only the (N, D) gradient, never the bank."""
 
     @staticmethod
-    def forward(ctx, query, key, bank, tau: float, reduction: str, backend: str, sharded: bool):
+    def forward(ctx, query, key, bank, tau: float, reduction: str, backend: str, sharded: bool, query_dtype):
         n = query.shape[0]
         acc_dtype = accumulation_dtype(query, key, bank)
         inv_tau = torch.full((n,), 1.0 / tau, dtype=acc_dtype, device=query.device)
-        key_x = key.to(query.dtype)
+        q_x = query.to(query_dtype or query.dtype)  # rounded when query_dtype is 16-bit; the gradient is not
+        key_x = key.to(q_x.dtype)
         stats = sharded_bank_softmax_stats if sharded else bank_softmax_stats
-        lse, mu = stats(query, inv_tau, bank, key_x, backend=backend)
+        lse, mu = stats(q_x, inv_tau, bank, key_x, backend=backend)
         k_acc = key_x.to(acc_dtype)
-        rows = lse - (query.to(acc_dtype) * k_acc).sum(dim=1) / tau
+        rows = lse - (q_x.to(acc_dtype) * k_acc).sum(dim=1) / tau
         grad = (mu - k_acc) / tau
         if reduction == "mean":
             grad = grad / n
@@ -59,7 +68,7 @@ class BankInfoNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
         grad_query = scale_saved_gradient(grad, grad_output, ctx.reduction, ctx.query_dtype)
-        return grad_query, None, None, None, None, None, None
+        return grad_query, None, None, None, None, None, None, None
 
 
 def bank_info_nce(
@@ -71,6 +80,7 @@ def bank_info_nce(
     reduction: str = "mean",
     backend: str = "auto",
     sharded: bool = False,
+    query_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """InfoNCE of already-normalized queries with positive ``key`` and negatives ``bank``.
 
@@ -83,6 +93,8 @@ def bank_info_nce(
         backend: see :mod:`fastssl.ops.backend`.
         sharded: ``bank`` is this rank's shard of a bank split across the default process group; the negatives are
             the union of the shards (:mod:`fastssl.ops.sharded_bank_softmax_stats`). Every rank must call this.
+        query_dtype: round the query and key values to this dtype (e.g. the bank's fp16) before the kernels; the
+            gradient stays in the query's dtype, unrounded.
 
     Returns:
         Scalar (or (N,)) in fp32 (fp64 for fp64 inputs).
@@ -91,5 +103,5 @@ def bank_info_nce(
     if sharded and backend == "reference":
         raise ValueError('a sharded bank needs the "streaming" or "triton" backend (the reference sees one shard)')
     if backend == "reference":
-        return bank_info_nce_reference(query, key, bank, tau, reduction=reduction)
-    return BankInfoNCEFunction.apply(query, key.detach(), bank.detach(), tau, reduction, backend, sharded)
+        return bank_info_nce_reference(query, key, bank, tau, reduction=reduction, query_dtype=query_dtype)
+    return BankInfoNCEFunction.apply(query, key.detach(), bank.detach(), tau, reduction, backend, sharded, query_dtype)

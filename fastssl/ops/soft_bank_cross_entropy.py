@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fastssl.ops.backend import accumulation_dtype, resolve_backend, triton_serves
 from fastssl.ops.bank_softmax_stats import bank_softmax_stats
+from fastssl.ops.query_dtype import rounded_rows
 from fastssl.ops.reduction import reduce_rows, scale_saved_gradient
 from fastssl.ops.sharded_bank_softmax_stats import sharded_bank_softmax_stats
 
@@ -34,8 +35,10 @@ def soft_bank_cross_entropy_reference(
     *,
     kl: bool = False,
     reduction: str = "mean",
+    query_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Materializing oracle: builds both (N, K) logit matrices and differentiates with autograd."""
+    student, teacher = rounded_rows(student, query_dtype), rounded_rows(teacher, query_dtype)
     acc_dtype = accumulation_dtype(student, teacher, bank)
     b = bank.detach().to(acc_dtype, copy=True)  # a copy, so an in-place enqueue after the loss cannot break backward
     log_q = F.log_softmax(student.to(acc_dtype) @ b.T / tau_student, dim=1)
@@ -62,11 +65,12 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
         reduction: str,
         backend: str,
         sharded: bool,
+        query_dtype: torch.dtype | None,
     ) -> torch.Tensor:
         n = student.shape[0]
         acc_dtype = accumulation_dtype(student, teacher, bank)
-        x_dtype = torch.promote_types(student.dtype, teacher.dtype)
-        x = torch.cat([student.to(x_dtype), teacher.to(x_dtype)])  # (2N, D)
+        x_dtype = query_dtype or torch.promote_types(student.dtype, teacher.dtype)
+        x = torch.cat([student.to(x_dtype), teacher.to(x_dtype)])  # (2N, D), rounded when query_dtype is 16-bit
         inv_tau = torch.cat(
             [
                 torch.full((n,), 1.0 / tau_student, dtype=acc_dtype, device=x.device),
@@ -76,7 +80,7 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
         stats = sharded_bank_softmax_stats if sharded else bank_softmax_stats
         lse, mu = stats(x, inv_tau, bank, backend=backend)
         lse_q, lse_p, mu_q, mu_p = lse[:n], lse[n:], mu[:n], mu[n:]
-        s, t = student.to(acc_dtype), teacher.to(acc_dtype)
+        s, t = x[:n].to(acc_dtype), x[n:].to(acc_dtype)
         rows = lse_q - (s * mu_p).sum(dim=1) / tau_student
         if kl:
             rows = rows - (lse_p - (t * mu_p).sum(dim=1) / tau_teacher)
@@ -101,6 +105,7 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -115,6 +120,7 @@ def soft_bank_cross_entropy(
     reduction: str = "mean",
     backend: str = "auto",
     sharded: bool = False,
+    query_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """CE (or KL) of softmax(t·Bᵀ/τ_t) against softmax(s·Bᵀ/τ_s) for already-normalized rows.
 
@@ -129,6 +135,8 @@ def soft_bank_cross_entropy(
         backend: see :mod:`fastssl.ops.backend`.
         sharded: ``bank`` is this rank's shard of a bank split across the default process group; the loss is over
             the union of the shards (:mod:`fastssl.ops.sharded_bank_softmax_stats`). Every rank must call this.
+        query_dtype: round both rows' values to this dtype (e.g. the bank's fp16) before the kernels, which then
+            need one tensor-core dot per tile; the gradient stays in the student's dtype, unrounded.
 
     Returns:
         Scalar (or (N,) for ``"none"``) in fp32 (fp64 for fp64 inputs).
@@ -138,8 +146,8 @@ def soft_bank_cross_entropy(
         raise ValueError('a sharded bank needs the "streaming" or "triton" backend (the reference sees one shard)')
     if backend == "reference":
         return soft_bank_cross_entropy_reference(
-            student, teacher, bank, tau_student, tau_teacher, kl=kl, reduction=reduction
+            student, teacher, bank, tau_student, tau_teacher, kl=kl, reduction=reduction, query_dtype=query_dtype
         )
     return SoftBankCrossEntropyFunction.apply(
-        student, teacher.detach(), bank.detach(), tau_student, tau_teacher, kl, reduction, backend, sharded
+        student, teacher.detach(), bank.detach(), tau_student, tau_teacher, kl, reduction, backend, sharded, query_dtype
     )
