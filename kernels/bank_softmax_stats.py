@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dot_precision import DotPlan, device_arch, dot_plan, query_dot, split_query
+from .dot_precision import DotPlan, device_arch, dot_plan, query_dot, split_query, table_config
 
 __all__ = ["bank_softmax_stats", "StatsConfig", "CONFIGS", "CONFIGS_SM90", "pick_config", "num_splits_for", "aot_specs"]
 
@@ -107,16 +107,7 @@ def block_d_for(d: int) -> int:
 
 def pick_config(d: int, plan: DotPlan, arch: int = 80) -> StatsConfig:
     """Launch configuration for feature dim ``d``, the dot plan and compute capability ``arch`` (e.g. 90)."""
-    block_d = block_d_for(d)
-    if block_d > 512:
-        raise ValueError(f"bank_softmax_stats supports D <= 512, got D={d}")
-    key = (block_d, plan.config_class)
-    if key not in CONFIGS:
-        raise NotImplementedError(
-            f"bank_softmax_stats: fp32 banks are supported up to D=128 (got D={d}); store the bank in fp16/bf16 or "
-            "use the streaming backend"
-        )
-    return CONFIGS_SM90.get(key, CONFIGS[key]) if arch == 90 else CONFIGS[key]  # measured on sm_90 only
+    return table_config("bank_softmax_stats", d, plan, arch, CONFIGS, CONFIGS_SM90)
 
 
 def num_splits_for(r: int, k: int, block_r: int, block_k: int, num_sms: int) -> int:

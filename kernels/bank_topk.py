@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dot_precision import DotPlan, device_arch, dot_plan, query_dot, split_query
+from .dot_precision import DotPlan, device_arch, dot_plan, query_dot, split_query, table_config
 
 __all__ = ["bank_topk", "TopkConfig", "CONFIGS", "CONFIGS_SM90", "pick_config", "MAX_K", "aot_specs"]
 
@@ -96,16 +96,7 @@ _TRITON_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: 
 
 def pick_config(d: int, plan: DotPlan, arch: int = 80) -> TopkConfig:
     """Launch configuration for feature dim ``d``, the dot plan and compute capability ``arch`` (e.g. 90)."""
-    block_d = max(16, triton.next_power_of_2(d))
-    if block_d > 512:
-        raise ValueError(f"bank_topk supports D <= 512, got D={d}")
-    key = (block_d, plan.config_class)
-    if key not in CONFIGS:
-        raise NotImplementedError(
-            f"bank_topk: fp32 banks are supported up to D=128 (got D={d}); store the bank in fp16/bf16 or use the "
-            "streaming backend"
-        )
-    return CONFIGS_SM90.get(key, CONFIGS[key]) if arch == 90 else CONFIGS[key]  # measured on sm_90 only
+    return table_config("bank_topk", d, plan, arch, CONFIGS, CONFIGS_SM90)
 
 
 @triton.jit

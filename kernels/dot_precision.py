@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DotPlan", "dot_plan", "split_query", "query_dot", "device_arch", "FP32_PRECISION"]
+__all__ = ["DotPlan", "dot_plan", "split_query", "query_dot", "device_arch", "table_config", "FP32_PRECISION"]
 
 # Tensor-core precision of fp32 dots unless TF32 is allowed: three TF32 products recover fp32 accuracy, while "ieee"
 # (FMA) holds whole D-long operand rows per thread and spills at D >= 128.
@@ -86,6 +86,25 @@ def device_arch(device: torch.device) -> int:
         return 80
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
+
+
+def table_config(op: str, d: int, plan: DotPlan, arch: int, table: dict, sm90_table: dict):
+    """A kernel's launch configuration from its deterministic tables, keyed by (BLOCK_D, plan.config_class).
+
+    BLOCK_D is D rounded up to a power of two, at least 16 (the tensor-core reduction minimum). ``table`` holds for
+    sm_80 and up; ``sm90_table`` overrides it on sm_90 only, where its entries were measured (they may spill
+    elsewhere). A key missing from ``table`` is an fp32 bank wider than the kernels serve.
+    """
+    block_d = max(16, triton.next_power_of_2(d))
+    if block_d > 512:
+        raise ValueError(f"{op} supports D <= 512, got D={d}")
+    key = (block_d, plan.config_class)
+    if key not in table:
+        raise NotImplementedError(
+            f"{op}: fp32 banks are supported up to D=128 (got D={d}); store the bank in fp16/bf16 or use the "
+            "streaming backend"
+        )
+    return sm90_table.get(key, table[key]) if arch == 90 else table[key]
 
 
 @triton.jit
