@@ -91,8 +91,10 @@ def _run(cmd: list[str], timeout: float, log: Path | None = None) -> dict:
     return {"cmd": " ".join(cmd), "returncode": rc, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-# Launch configurations the sweep times: (block rows, block keys, warps, stages) per feature dim. Each was compiled
-# ahead of time for sm_90 first (no spills); the winners go into the kernels' config tables.
+# Launch configurations the sweep times: (block rows, block keys, warps, stages[, D-chunk]) per feature dim, plus each
+# kernel's CANDIDATES_SM90 (D-chunked variants, compiled and spill-checked for sm_90 by tests/test_kernels_aot.py) and
+# its sm_80 table entry. Each was compiled ahead of time for sm_90 first (no spills); the winners (marked "fastest" in
+# kernel_configs.md) go into the kernels' config tables.
 STATS_SWEEP = {
     128: [(64, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 4, 3),
           (64, 128, 8, 3), (128, 128, 8, 3), (64, 32, 4, 3)],
@@ -106,8 +108,35 @@ TOPK_SWEEP = {
 }  # fmt: skip
 
 
+def sweep_configs(module, fixed: dict[int, list[tuple]], d: int) -> list[tuple]:
+    """The sweep's fixed configs for D = ``d``, then the module's sm_80 table entries and CANDIDATES_SM90 at that D
+    (as 5-tuples with the D-chunk), without repeats."""
+    from dataclasses import astuple
+
+    configs = [tuple(c) + (0,) * (5 - len(c)) for c in fixed[d]]
+    extra = [cfg for (block_d, _), cfg in module.CONFIGS.items() if block_d == d]
+    extra += [cfg for (block_d, _), cfgs in module.CANDIDATES_SM90.items() if block_d == d for cfg in cfgs]
+    for cfg in extra:
+        if astuple(cfg) not in configs:
+            configs.append(astuple(cfg))
+    return configs
+
+
+def mark_fastest(rows: list[dict], group: tuple[str, ...]) -> None:
+    """Adds ``fastest`` = "yes" to the quickest row (numeric ms) of each group of rows with equal ``group`` keys."""
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        key = tuple(row.get(name) for name in group)
+        if isinstance(row["ms"], float) and (key not in best or row["ms"] < best[key]["ms"]):
+            best[key] = row
+    for row in rows:
+        row["fastest"] = "yes" if any(row is b for b in best.values()) else ""
+
+
 def config_sweep(out_dir: Path) -> None:
     """Time launch configurations of each kernel at the target shapes (results only inform the tables)."""
+    import fastssl.kernels.bank_softmax_stats as stats_module
+    import fastssl.kernels.bank_topk as topk_module
     from fastssl.kernels.bank_softmax_stats import bank_softmax_stats
     from fastssl.kernels.bank_topk import bank_topk
     from triton.testing import do_bench
@@ -124,20 +153,21 @@ def config_sweep(out_dir: Path) -> None:
         bank = torch.nn.functional.normalize(torch.randn(2**20, d, device="cuda", generator=gen), dim=1).half()
         x = torch.nn.functional.normalize(torch.randn(512, d, device="cuda", generator=gen), dim=1)
         inv_tau = torch.full((512,), 10.0, device="cuda")
-        for block_r, block_k, warps, stages in STATS_SWEEP[d]:
-            kw = dict(block_r=block_r, block_k=block_k, num_warps=warps, num_stages=stages)
+        for block_r, block_k, warps, stages, block_dc in sweep_configs(stats_module, STATS_SWEEP, d):
+            kw = dict(block_r=block_r, block_k=block_k, num_warps=warps, num_stages=stages, block_dc=block_dc)
             for x_in, label in ((x, "fp32 x"), (x.half(), "fp16 x")):
                 ms = timed(lambda kw=kw, x_in=x_in, t=inv_tau, b=bank: bank_softmax_stats(x_in, t, b, **kw))
                 rows.append({"kernel": "bank_softmax_stats", "R": 512, "K": 2**20, "D": d, "x": label, **kw, "ms": ms})
                 print(rows[-1], flush=True)
-        for block_n, block_k, warps, stages in TOPK_SWEEP[d]:
-            kw = dict(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
+        for block_n, block_k, warps, stages, block_dc in sweep_configs(topk_module, TOPK_SWEEP, d):
+            kw = dict(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages, block_dc=block_dc)
             for k in (10, 64):
                 ms = timed(lambda kw=kw, k=k, q=x[:256], b=bank: bank_topk(q, b, k, **kw))
                 rows.append(
                     {"kernel": "bank_topk", "R": 256, "K": 2**20, "D": d, "x": "fp32 x", "k": k, **kw, "ms": ms}
                 )
                 print(rows[-1], flush=True)
+    mark_fastest(rows, ("kernel", "D", "x", "k"))
     harness.write_results("kernel_configs", rows, title="Kernel launch-config sweep (fp16 bank)", out_dir=out_dir)
 
 

@@ -40,6 +40,11 @@ change the summation order), split count from the SM count: row blocks × splits
 8 bank blocks per split. Row blocks are the fastest grid axis, so programs of one split run together and read each
 bank tile once from HBM, the other row blocks hitting L2.
 
+D-chunked logits (config ``block_dc``): by default the (split) query tile is loaded once and stays in registers for
+the whole scan. At D = 512 that tile (BLOCK_R × 512 × 2 fp16 terms) competes with the BLOCK_R × 512 fp32 μ
+accumulator and forces 16-row blocks; with ``block_dc`` < BLOCK_D, s = x·bᵀ is accumulated chunk by chunk (query and
+bank chunks re-read from L1/L2, each chunk's split terms combined by Horner's rule), which frees those registers.
+
 Invalid (not yet written) bank rows are excluded by passing only the valid rows (``MemoryBank.keys``); bank offsets
 are int64 so banks up to 2^24 × 512 elements and beyond are addressed correctly.
 """
@@ -52,9 +57,28 @@ import torch
 import triton
 import triton.language as tl
 
-from .dot_precision import DotPlan, device_arch, dot_plan, query_dot, split_query, table_config
+from .dot_precision import (
+    DotPlan,
+    block_d_chunk,
+    config_tag,
+    device_arch,
+    dot_plan,
+    query_dot,
+    query_dot_acc,
+    split_query,
+    table_config,
+)
 
-__all__ = ["bank_softmax_stats", "StatsConfig", "CONFIGS", "CONFIGS_SM90", "pick_config", "num_splits_for", "aot_specs"]
+__all__ = [
+    "bank_softmax_stats",
+    "StatsConfig",
+    "CONFIGS",
+    "CONFIGS_SM90",
+    "CANDIDATES_SM90",
+    "pick_config",
+    "num_splits_for",
+    "aot_specs",
+]
 
 
 # Largest number of bank splits; bounds the partial buffers (splits × R × D fp32) and the merge tile.
@@ -71,6 +95,7 @@ class StatsConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    block_dc: int = 0  # D-chunk of the logits dot; 0: the whole row (query tile held in registers for the whole scan)
 
 
 # Deterministic config table keyed by (BLOCK_D, DotPlan.config_class): "16" plain 16-bit, "32x16" fp32 queries split
@@ -97,6 +122,15 @@ CONFIGS_SM90: dict[tuple[int, str], StatsConfig] = {
     (128, "16"): StatsConfig(64, 128, 4, 3),
     (128, "32x16"): StatsConfig(128, 128, 8, 3),
     (512, "16"): StatsConfig(64, 64, 8, 2),
+}
+# Not yet measured, so not in the tables: D-chunked logits (block_dc = 64) free the registers of the split fp32 query
+# tile, so 64-row blocks fit next to the 64 × 512 fp32 μ accumulator without spilling on sm_90 (255 registers, 128 KB
+# shared; the whole-row tile at 64 rows needs 256 KB of shared memory and failed with OutOfResources on the H100).
+# tests/test_kernels_aot.py compiles each for sm_90 and checks for spills; benchmarks/gpu_check.py's sweep times them
+# next to the table entries, and the faster ones move into CONFIGS_SM90.
+CANDIDATES_SM90: dict[tuple[int, str], list[StatsConfig]] = {
+    (512, "32x16"): [StatsConfig(64, 64, 8, 2, 64)],
+    (512, "16"): [StatsConfig(64, 64, 8, 2, 64)],
 }
 
 
@@ -143,6 +177,8 @@ def _bank_softmax_stats_partial_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DC: tl.constexpr,  # D-chunk of s = x·bᵀ: BLOCK_D keeps the split query tile in registers for the whole scan;
+    # smaller streams it chunk by chunk (re-read from L1/L2), freeing registers for more rows next to the μ accumulator
 ):
     pid_r = tl.program_id(0)  # fastest axis: row blocks of one split run together and share bank tiles in L2
     split = tl.program_id(1)
@@ -154,7 +190,8 @@ def _bank_softmax_stats_partial_kernel(
     rows = offs_r.to(tl.int64)
 
     x_raw = tl.load(x_ptr + rows[:, None] * stride_x + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    x_hi, x_lo, x_lo2 = split_query(x_raw, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
+    if BLOCK_DC == BLOCK_D:
+        x_hi, x_lo, x_lo2 = split_query(x_raw, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
     inv_tau = tl.load(inv_tau_ptr + offs_r, mask=row_ok, other=1.0)
     qk_scale = inv_tau * 1.4426950408889634  # t_r · log2(e)
 
@@ -182,7 +219,26 @@ def _bank_softmax_stats_partial_kernel(
             mask=k_ok[:, None] & d_ok[None, :],
             other=0.0,
         ).to(COMPUTE_DTYPE)
-        s = query_dot(x_hi, x_lo, x_lo2, tl.trans(b), X_TERMS, LO_SCALE, INPUT_PRECISION) * qk_scale[:, None]
+        if BLOCK_DC == BLOCK_D:
+            s = query_dot(x_hi, x_lo, x_lo2, tl.trans(b), X_TERMS, LO_SCALE, INPUT_PRECISION)
+        else:
+            s = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+            for d0 in range(0, D, BLOCK_DC):
+                offs_dc = d0 + tl.arange(0, BLOCK_DC)
+                dc_ok = offs_dc < D
+                x_c = tl.load(
+                    x_ptr + rows[:, None] * stride_x + offs_dc[None, :],
+                    mask=row_ok[:, None] & dc_ok[None, :],
+                    other=0.0,
+                )
+                c_hi, c_lo, c_lo2 = split_query(x_c, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
+                b_c = tl.load(
+                    bank_ptr + offs_k.to(tl.int64)[:, None] * stride_bank + offs_dc[None, :],
+                    mask=k_ok[:, None] & dc_ok[None, :],
+                    other=0.0,
+                ).to(COMPUTE_DTYPE)
+                s = query_dot_acc(s, c_hi, c_lo, c_lo2, tl.trans(b_c), X_TERMS, LO_SCALE, INPUT_PRECISION)
+        s = s * qk_scale[:, None]
         s = tl.where(k_ok[None, :], s, float("-inf"))
         # Every block holds at least one valid column, so m_new is finite and α, P never see inf - inf.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -244,32 +300,37 @@ def merge_block_d(num_splits: int, d: int) -> tuple[int, int]:
     return block_s, block_d
 
 
-def _partial_constexprs(plan: DotPlan, has_pos: bool, d: int, block_r: int, block_k: int) -> dict:
-    """Compile-time arguments of the partial kernel (shared by the launcher and :func:`aot_specs`)."""
+def _partial_constexprs(plan: DotPlan, has_pos: bool, d: int, block_r: int, block_k: int, block_dc: int = 0) -> dict:
+    """Compile-time arguments of the partial kernel (shared by the launcher and :func:`aot_specs`); ``block_dc`` 0
+    (or any value ≥ BLOCK_D) means the whole row."""
+    block_d = block_d_for(d)
     return {
         "HAS_POS": has_pos,
         **plan.constexprs(),
         "P_SCALE": 32768.0 if plan.compute_dtype == torch.float16 else 1.0,
         "BLOCK_R": block_r,
         "BLOCK_K": block_k,
-        "BLOCK_D": block_d_for(d),
+        "BLOCK_D": block_d,
+        "BLOCK_DC": block_d_chunk(block_dc, block_d),
     }
 
 
 _TRITON_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, arch: int = 80) -> list[dict]:
+def aot_specs(
+    d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, arch: int = 80, config: StatsConfig | None = None
+) -> list[dict]:
     """The kernel variants a launch with feature dim ``d``, ``x_dtype`` queries (and positives) and a
-    ``bank_dtype`` bank compiles on compute capability ``arch`` (its config table), for ahead-of-time checks: the
-    partial kernel with a positive (without one the streaming loop is the same code) and the merge kernel at its
-    largest split count.
+    ``bank_dtype`` bank compiles on compute capability ``arch`` (its config table, or ``config``), for ahead-of-time
+    checks: the partial kernel with a positive (without one the streaming loop is the same code) and the merge kernel
+    at its largest split count.
 
     Returns dicts with ``name``, ``fn``, ``signature``, ``constexprs``, ``attrs`` (16-byte divisibility of pointers
     and of the D-multiple ints, as the JIT specialises them), ``num_warps`` and ``num_stages``.
     """
     plan = dot_plan(x_dtype, bank_dtype)
-    cfg = pick_config(d, plan, arch)
+    cfg = config or pick_config(d, plan, arch)
     specs = []
     for has_pos in (True,):
         signature = {
@@ -279,11 +340,11 @@ def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, arch: int =
             "R": "i32", "K": "i32", "D": "i32", "stride_x": "i32", "stride_pos": "i32", "stride_bank": "i32",
             "keys_per_split": "i32",
         }  # fmt: skip
-        constexprs = _partial_constexprs(plan, has_pos, d, cfg.block_r, cfg.block_k)
+        constexprs = _partial_constexprs(plan, has_pos, d, cfg.block_r, cfg.block_k, cfg.block_dc)
         signature.update({name: "constexpr" for name in constexprs})
         specs.append(
             {
-                "name": f"partial[D={d},x={str(x_dtype)[6:]},bank={str(bank_dtype)[6:]}]",
+                "name": f"partial[D={d},x={str(x_dtype)[6:]},bank={str(bank_dtype)[6:]}{config_tag(config)}]",
                 "fn": _bank_softmax_stats_partial_kernel,
                 "signature": signature,
                 "constexprs": constexprs,
@@ -330,6 +391,7 @@ def bank_softmax_stats(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    block_dc: int | None = None,
     allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row log-sum-exp and softmax-weighted bank mean, fused and split across the bank.
@@ -340,7 +402,8 @@ def bank_softmax_stats(
         bank: (K, D) fp16/bf16/fp32 bank rows (only valid rows), last dim contiguous.
         pos: optional (R, D) positive per row, prepended as logit 0 and value 0.
         num_splits: bank splits (default: about two programs per SM, see :func:`num_splits_for`).
-        block_r, block_k, num_warps, num_stages: override the config table (tests use small blocks).
+        block_r, block_k, num_warps, num_stages, block_dc: override the config table (tests use small blocks;
+            ``block_dc`` is the D-chunk of the logits dot, 0 for the whole row).
         allow_tf32: single TF32 products for fp32 inputs (default 3xTF32, fp32-accurate).
 
     Returns:
@@ -383,6 +446,7 @@ def bank_softmax_stats(
     block_k = block_k or cfg.block_k
     num_warps = num_warps or cfg.num_warps
     num_stages = num_stages or cfg.num_stages
+    block_dc = cfg.block_dc if block_dc is None else block_dc
     if num_splits is None:
         num_splits = num_splits_for(r, k, block_r, block_k, _num_sms(device))
     if not 1 <= num_splits <= MAX_SPLITS:
@@ -408,7 +472,7 @@ def bank_softmax_stats(
         pos.stride(0) if pos is not None else 0,
         bank.stride(0),
         keys_per_split,
-        **_partial_constexprs(plan, pos is not None, d, block_r, block_k),
+        **_partial_constexprs(plan, pos is not None, d, block_r, block_k, block_dc),
         num_warps=num_warps,
         num_stages=num_stages,
     )

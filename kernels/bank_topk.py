@@ -34,6 +34,10 @@ follow the index, like a stable sort of the floats. NaN and -inf scores are neve
 true, and nothing is below the -inf start value); a row left with fewer than k selected (non-finite inputs) gets NaN
 values and in-range placeholder indices for the rest, instead of undefined ones.
 
+D-chunked dot (config ``block_dc``): by default the (split) query tile stays in registers for the whole scan; with
+``block_dc`` < BLOCK_D the tile s is accumulated over D-chunks of query and bank (a GEMM main loop, the query re-read
+from L1/L2 per bank tile), which keeps wide rows (D = 512) in wgmma-sized 64-row blocks and small shared memory.
+
 The networks are written here with min/max over size-2 axes of a [2, 2, ...] view of the tile rather than with
 ``tl.topk``/``tl.sort``, whose compare-exchange is an xor-reduction that Triton's CPU interpreter evaluates element by
 element in Python (too slow for the test suite); on the GPU both are in-register or warp-shuffle reductions.
@@ -47,9 +51,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .dot_precision import DotPlan, device_arch, dot_plan, query_dot, split_query, table_config
+from .dot_precision import (
+    DotPlan,
+    block_d_chunk,
+    config_tag,
+    device_arch,
+    dot_plan,
+    query_dot,
+    query_dot_acc,
+    split_query,
+    table_config,
+)
 
-__all__ = ["bank_topk", "TopkConfig", "CONFIGS", "CONFIGS_SM90", "pick_config", "MAX_K", "aot_specs"]
+__all__ = ["bank_topk", "TopkConfig", "CONFIGS", "CONFIGS_SM90", "CANDIDATES_SM90", "pick_config", "MAX_K", "aot_specs"]
 
 MAX_K = 256
 MAX_SPLITS = 256
@@ -64,6 +78,7 @@ class TopkConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    block_dc: int = 0  # D-chunk of the dot; 0: the whole row (query tile held in registers for the whole scan)
 
 
 # Deterministic config table keyed by (BLOCK_D, DotPlan.config_class), as in bank_softmax_stats. The D = 128 and 512
@@ -73,7 +88,9 @@ class TopkConfig:
 # the fp32 operand tiles of wider rows spill at every tile size. On an H100 (benchmarks/gpu_check.py's sweep, N = 256,
 # K = 2^20, fp32 queries over an fp16 bank: benchmarks/results/nvidia-h100-80gb-hbm3/kernel_configs.md) D = 128
 # (64, 64, 4, 3) ran k = 10 in 0.77 ms and CONFIGS_SM90's (64, 128, 4, 3), which spills on sm_80, in 0.74 ms; D = 512
-# (32, 64, 4, 2) was the fastest tried. The other entries are not measured.
+# (32, 64, 4, 2) was the fastest tried. The other entries are not measured. On sm_80 that whole-row D = 512 tile needs
+# 192 KB of shared memory over a bf16 bank (over the A100's 163 KB: the launch would fail), so the sm_80 table streams
+# the dot in D-chunks of 64 (16 KB) and the H100 keeps its measured whole-row entry.
 CONFIGS: dict[tuple[int, str], TopkConfig] = {
     **{(bd, "16"): TopkConfig(64, 64, 4, 3) for bd in (16, 32, 64)},
     (128, "16"): TopkConfig(64, 64, 4, 3),
@@ -82,13 +99,26 @@ CONFIGS: dict[tuple[int, str], TopkConfig] = {
     **{(bd, "32x16"): TopkConfig(64, 64, 4, 3) for bd in (16, 32, 64)},
     (128, "32x16"): TopkConfig(64, 64, 4, 3),
     (256, "32x16"): TopkConfig(32, 64, 8, 2),
-    (512, "32x16"): TopkConfig(32, 64, 4, 2),
+    (512, "32x16"): TopkConfig(32, 64, 4, 2, 64),
     **{(bd, "32"): TopkConfig(32, 64, 4, 2) for bd in (16, 32)},
     **{(bd, "32"): TopkConfig(32, 64, 8, 2) for bd in (64, 128)},
 }
 CONFIGS_SM90: dict[tuple[int, str], TopkConfig] = {
     (128, "16"): TopkConfig(64, 128, 4, 3),
     (128, "32x16"): TopkConfig(64, 128, 4, 3),
+    (512, "32x16"): TopkConfig(32, 64, 4, 2),
+}
+# Not yet measured, so not in the tables: with the dot streamed in D-chunks of 64 (a GEMM main loop; the query is
+# re-read from L1/L2) the split fp32 query tile no longer sits in registers, so D = 512 runs 64-row blocks like D = 128
+# instead of 32 (fewer L2 passes over the bank, wgmma-sized tiles). tests/test_kernels_aot.py compiles each for sm_90
+# (k padded to 16 and 64) and checks for spills; benchmarks/gpu_check.py's sweep times them next to the table entries.
+CANDIDATES_SM90: dict[tuple[int, str], list[TopkConfig]] = {
+    (512, "32x16"): [
+        TopkConfig(64, 64, 4, 3, 64),
+        TopkConfig(64, 64, 8, 3, 64),
+        TopkConfig(64, 32, 4, 3, 64),
+        TopkConfig(64, 64, 4, 4, 64),
+    ],
 }
 
 _TRITON_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -189,6 +219,8 @@ def _bank_topk_partial_kernel(
     LOG_BLOCK_N: tl.constexpr,
     LOG_BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DC: tl.constexpr,  # D-chunk of the dot: BLOCK_D keeps the split query tile in registers for the whole scan;
+    # smaller streams it chunk by chunk with the bank tile (GEMM main loop; the L1/L2-resident query is re-read)
 ):
     BLOCK_N: tl.constexpr = 1 << LOG_BLOCK_N
     BLOCK_K: tl.constexpr = 1 << LOG_BLOCK_K
@@ -203,8 +235,9 @@ def _bank_topk_partial_kernel(
     n_ok = offs_n < N
     d_ok = offs_d < D
     rows = offs_n.to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * stride_q + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    q_hi, q_lo, q_lo2 = split_query(q, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
+    if BLOCK_DC == BLOCK_D:
+        q = tl.load(q_ptr + rows[:, None] * stride_q + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        q_hi, q_lo, q_lo2 = split_query(q, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
 
     # -- phase 1: slots j < k start as distinct keys below every real key (MIN_KEY + j: a real key's low word is
     # 2^32 - 1 - index >= 2^31), padding slots as MAX_KEY, never the minimum. κ = min(best), v = its value.
@@ -220,12 +253,28 @@ def _bank_topk_partial_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
-        b = tl.load(
-            bank_ptr + offs_k.to(tl.int64)[:, None] * stride_bank + offs_d[None, :],
-            mask=k_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        ).to(COMPUTE_DTYPE)
-        s = query_dot(q_hi, q_lo, q_lo2, tl.trans(b), X_TERMS, LO_SCALE, INPUT_PRECISION)
+        if BLOCK_DC == BLOCK_D:
+            b = tl.load(
+                bank_ptr + offs_k.to(tl.int64)[:, None] * stride_bank + offs_d[None, :],
+                mask=k_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            ).to(COMPUTE_DTYPE)
+            s = query_dot(q_hi, q_lo, q_lo2, tl.trans(b), X_TERMS, LO_SCALE, INPUT_PRECISION)
+        else:
+            s = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            for d0 in range(0, D, BLOCK_DC):
+                offs_dc = d0 + tl.arange(0, BLOCK_DC)
+                dc_ok = offs_dc < D
+                q_c = tl.load(
+                    q_ptr + rows[:, None] * stride_q + offs_dc[None, :], mask=n_ok[:, None] & dc_ok[None, :], other=0.0
+                )
+                c_hi, c_lo, c_lo2 = split_query(q_c, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
+                b_c = tl.load(
+                    bank_ptr + offs_k.to(tl.int64)[:, None] * stride_bank + offs_dc[None, :],
+                    mask=k_ok[:, None] & dc_ok[None, :],
+                    other=0.0,
+                ).to(COMPUTE_DTYPE)
+                s = query_dot_acc(s, c_hi, c_lo, c_lo2, tl.trans(b_c), X_TERMS, LO_SCALE, INPUT_PRECISION)
         s = tl.where(k_ok[None, :], s, float("-inf"))
         row_max = tl.max(s, axis=1)
         gain = tl.max((row_max > kth_value).to(tl.int32), axis=0)
@@ -301,14 +350,17 @@ def _merge_block_n(kp: int) -> int:
     return max(2, min(64, 4096 // kp))
 
 
-def _partial_constexprs(plan: DotPlan, d: int, kp: int, block_n: int, block_k: int) -> dict:
-    """Compile-time arguments of the partial kernel (shared by the launcher and :func:`aot_specs`)."""
+def _partial_constexprs(plan: DotPlan, d: int, kp: int, block_n: int, block_k: int, block_dc: int = 0) -> dict:
+    """Compile-time arguments of the partial kernel (shared by the launcher and :func:`aot_specs`); ``block_dc`` 0
+    (or any value ≥ BLOCK_D) means the whole row."""
+    block_d = max(16, triton.next_power_of_2(d))
     return {
         "LOG_KP": _log2(kp),
         **plan.constexprs(),
         "LOG_BLOCK_N": _log2(block_n),
         "LOG_BLOCK_K": _log2(block_k),
-        "BLOCK_D": max(16, triton.next_power_of_2(d)),
+        "BLOCK_D": block_d,
+        "BLOCK_DC": block_d_chunk(block_dc, block_d),
     }
 
 
@@ -317,23 +369,25 @@ def _partial_constexprs(plan: DotPlan, d: int, kp: int, block_n: int, block_k: i
 AOT_KP = (16, 64)
 
 
-def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, arch: int = 80) -> list[dict]:
+def aot_specs(
+    d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, arch: int = 80, config: TopkConfig | None = None
+) -> list[dict]:
     """The kernel variants a launch with feature dim ``d``, ``x_dtype`` queries and a ``bank_dtype`` bank compiles on
-    compute capability ``arch`` (k padded to :data:`AOT_KP`), for ahead-of-time checks. Same dict layout as
-    ``bank_softmax_stats.aot_specs``."""
+    compute capability ``arch`` (its config table, or ``config``; k padded to :data:`AOT_KP`), for ahead-of-time
+    checks. Same dict layout as ``bank_softmax_stats.aot_specs``."""
     plan = dot_plan(x_dtype, bank_dtype)
-    cfg = pick_config(d, plan, arch)
+    cfg = config or pick_config(d, plan, arch)
     specs = []
     for kp in AOT_KP if (x_dtype, bank_dtype) == (torch.float32, torch.float16) else AOT_KP[:1]:
         signature = {
             "q_ptr": _TRITON_TYPE[x_dtype], "bank_ptr": _TRITON_TYPE[bank_dtype], "keys_ptr": "*i64", "N": "i32",
             "K": "i32", "D": "i32", "stride_q": "i32", "stride_bank": "i32", "keys_per_split": "i32", "k": "i32",
         }  # fmt: skip
-        constexprs = _partial_constexprs(plan, d, kp, _rows_per_program(cfg, kp), cfg.block_k)
+        constexprs = _partial_constexprs(plan, d, kp, _rows_per_program(cfg, kp), cfg.block_k, cfg.block_dc)
         signature.update({name: "constexpr" for name in constexprs})
         specs.append(
             {
-                "name": f"partial[D={d},x={str(x_dtype)[6:]},bank={str(bank_dtype)[6:]},KP={kp}]",
+                "name": f"partial[D={d},x={str(x_dtype)[6:]},bank={str(bank_dtype)[6:]},KP={kp}{config_tag(config)}]",
                 "fn": _bank_topk_partial_kernel,
                 "signature": signature,
                 "constexprs": constexprs,
@@ -382,6 +436,7 @@ def bank_topk(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    block_dc: int | None = None,
     allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k bank rows by dot product, with indices.
@@ -390,7 +445,8 @@ def bank_topk(
         query: (N, D) fp16/bf16/fp32 queries (the caller normalises for cosine similarity).
         bank: (K, D) fp16/bf16/fp32 bank rows, last dim contiguous, 1 <= k <= K <= 2^31 - 2^24.
         k: number of neighbours, 1 <= k <= 256.
-        num_splits, block_n, block_k, num_warps, num_stages: override the config table (tests use small blocks).
+        num_splits, block_n, block_k, num_warps, num_stages, block_dc: override the config table (tests use small
+            blocks; ``block_dc`` is the D-chunk of the dot, 0 for the whole row).
         allow_tf32: single TF32 products for fp32 inputs (default 3xTF32, fp32-accurate).
 
     Returns:
@@ -428,6 +484,7 @@ def bank_topk(
     block_k = block_k or cfg.block_k
     num_warps = num_warps or cfg.num_warps
     num_stages = num_stages or cfg.num_stages
+    block_dc = cfg.block_dc if block_dc is None else block_dc
     if num_splits is None:
         target = triton.cdiv(2 * _num_sms(device), triton.cdiv(n, block_n))
         num_splits = max(1, min(target, triton.cdiv(triton.cdiv(num_keys, block_k), MIN_BLOCKS_PER_SPLIT), MAX_SPLITS))
@@ -447,7 +504,7 @@ def bank_topk(
         bank.stride(0),
         keys_per_split,
         k,
-        **_partial_constexprs(plan, d, kp, block_n, block_k),
+        **_partial_constexprs(plan, d, kp, block_n, block_k, block_dc),
         num_warps=num_warps,
         num_stages=num_stages,
     )

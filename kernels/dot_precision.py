@@ -23,13 +23,24 @@ Plans (x dtype, bank dtype) -> (dot dtype, terms):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DotPlan", "dot_plan", "split_query", "query_dot", "device_arch", "table_config", "FP32_PRECISION"]
+__all__ = [
+    "DotPlan",
+    "dot_plan",
+    "split_query",
+    "query_dot",
+    "query_dot_acc",
+    "block_d_chunk",
+    "config_tag",
+    "device_arch",
+    "table_config",
+    "FP32_PRECISION",
+]
 
 # Tensor-core precision of fp32 dots unless TF32 is allowed: three TF32 products recover fp32 accuracy, while "ieee"
 # (FMA) holds whole D-long operand rows per thread and spills at D >= 128.
@@ -107,6 +118,19 @@ def table_config(op: str, d: int, plan: DotPlan, arch: int, table: dict, sm90_ta
     return sm90_table.get(key, table[key]) if arch == 90 else table[key]
 
 
+def block_d_chunk(block_dc: int, block_d: int) -> int:
+    """BLOCK_DC constexpr of a kernel that can stream its query tile in D-chunks: ``block_dc`` (a power of two ≥ 16)
+    capped at ``block_d``; 0 means the whole row (BLOCK_DC == BLOCK_D keeps the query tile in registers)."""
+    if block_dc and (block_dc < 16 or block_dc & (block_dc - 1)):
+        raise ValueError(f"block_dc must be 0 (whole row) or a power of two >= 16, got {block_dc}")
+    return min(block_dc, block_d) if block_dc else block_d
+
+
+def config_tag(config) -> str:
+    """Name suffix of an explicitly given (candidate) launch config in a kernel's ``aot_specs``; "" for the table's."""
+    return "" if config is None else ",cfg=" + "-".join(str(v) for v in astuple(config))
+
+
 @triton.jit
 def split_query(x, COMPUTE_DTYPE: tl.constexpr, X_TERMS: tl.constexpr, LO_SCALE: tl.constexpr):
     """(hi, lo, lo2) operand tiles of query tile ``x`` (unused terms are copies of hi)."""
@@ -141,3 +165,23 @@ def query_dot(
         else:
             s = s * (1.0 / LO_SCALE)
     return s
+
+
+@triton.jit
+def query_dot_acc(
+    acc,
+    hi,
+    lo,
+    lo2,
+    bank_t,
+    X_TERMS: tl.constexpr,
+    LO_SCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """acc + x·bᵀ for one D-chunk of a query tile that is streamed in chunks (see :func:`query_dot`).
+
+    A plain 16-bit query accumulates on the tensor cores; a split query completes its chunk by Horner's rule first,
+    since the rescaling by L applies to a chunk's hi-sum only, then adds it (one extra fp32 rounding per chunk)."""
+    if X_TERMS == 1:
+        return tl.dot(hi, bank_t, acc, input_precision=INPUT_PRECISION)
+    return acc + query_dot(hi, lo, lo2, bank_t, X_TERMS, LO_SCALE, INPUT_PRECISION)

@@ -83,3 +83,31 @@ def test_gpu_check_refuses_cpu_only_machine() -> None:
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
+
+
+def test_gpu_check_sweep_times_tables_and_candidates_once() -> None:
+    """The config sweep covers its fixed list, each kernel's sm_80 table entries and CANDIDATES_SM90 at that D (as
+    (rows, keys, warps, stages, D-chunk) tuples, no repeats), and marks the quickest row of each group."""
+    from dataclasses import astuple
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fastssl.kernels.bank_softmax_stats as stats
+    import fastssl.kernels.bank_topk as topk
+    import gpu_check
+
+    for module, fixed in ((stats, gpu_check.STATS_SWEEP), (topk, gpu_check.TOPK_SWEEP)):
+        for d in fixed:
+            configs = gpu_check.sweep_configs(module, fixed, d)
+            assert len(configs) == len(set(configs)) and all(len(c) == 5 for c in configs)
+            wanted = [astuple(c) for (bd, _), c in module.CONFIGS.items() if bd == d]
+            wanted += [astuple(c) for (bd, _), cs in module.CANDIDATES_SM90.items() if bd == d for c in cs]
+            assert set(wanted) <= set(configs)
+            assert configs[: len(fixed[d])] == [tuple(c) + (0,) * (5 - len(c)) for c in fixed[d]]
+    rows = [
+        {"kernel": "a", "D": 512, "ms": 3.0},
+        {"kernel": "a", "D": 512, "ms": 1.5},
+        {"kernel": "a", "D": 512, "ms": "OutOfResources"},
+        {"kernel": "a", "D": 128, "ms": 2.0},
+    ]
+    gpu_check.mark_fastest(rows, ("kernel", "D"))
+    assert [r["fastest"] for r in rows] == ["", "yes", "", "yes"]

@@ -5,7 +5,10 @@ Each kernel variant its launcher can pick for D in {128, 512} and every supporte
 launcher) is compiled for sm_80 and sm_90 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``,
 and the cubin's resource usage is read with the cuobjdump shipped in Triton. A kernel that spills registers shows a
 non-zero STACK (ptxas puts spill slots in the stack frame; LOCAL counts only explicit local arrays, so LOCAL:0 alone
-does not exclude spills): both must be 0. If an entry spills, change the config table, not this check.
+does not exclude spills): both must be 0. The dynamic shared memory of the software pipeline must fit the
+architecture's per-block opt-in limit (a launch that exceeds it fails with OutOfResources). If an entry spills, change
+the config table, not this check. The sm_90 tuning candidates (``CANDIDATES_SM90``) are checked the same way, so the
+GPU sweep that times them never meets a spilling or unlaunchable one.
 """
 
 from __future__ import annotations
@@ -35,14 +38,30 @@ DTYPE_PAIRS = (
 )
 FP32_MAX_D = 128  # fp32 banks are rejected above this D (see the config tables)
 KERNEL_MODULES = ("bank_softmax_stats", "bank_topk")
+# Largest dynamic shared memory one block can opt into (CUDA programming guide, compute capabilities table):
+# 163 KB on sm_80 (A100), 227 KB on sm_90 (H100).
+MAX_SHARED_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
+# Config-table column -> the (query, bank) dtypes of the candidates compiled for it.
+CANDIDATE_DTYPES = {"32x16": (torch.float32, torch.float16), "16": (torch.float16, torch.float16)}
+
+
 def _specs() -> list[tuple]:
-    """(module, spec name, D, x dtype, bank dtype, cc) of every variant; dtype-independent merge kernels once per D."""
+    """(module, spec name, D, x dtype, bank dtype, cc, config) of every variant: the config tables' (config None) and
+    the sm_90 tuning candidates' (``CANDIDATES_SM90``, timed by benchmarks/gpu_check.py's sweep); dtype-independent
+    merge kernels once per D."""
     import importlib
 
     out, seen = [], set()
+
+    def add(module, mod, d, x_dtype, bank_dtype, cc, config=None):
+        for spec in mod.aot_specs(d, x_dtype, bank_dtype, arch=cc, config=config):
+            if (spec["name"], cc) not in seen:
+                seen.add((spec["name"], cc))
+                out.append((module, spec["name"], d, x_dtype, bank_dtype, cc, config))
+
     for module in KERNEL_MODULES:
         mod = importlib.import_module(f"fastssl.kernels.{module}")
         for d in DIMS:
@@ -50,15 +69,15 @@ def _specs() -> list[tuple]:
                 if bank_dtype == torch.float32 and d > FP32_MAX_D:
                     continue
                 for cc in ARCHS:  # each architecture compiles its own config table
-                    for spec in mod.aot_specs(d, x_dtype, bank_dtype, arch=cc):
-                        if (spec["name"], cc) not in seen:
-                            seen.add((spec["name"], cc))
-                            out.append((module, spec["name"], d, x_dtype, bank_dtype, cc))
+                    add(module, mod, d, x_dtype, bank_dtype, cc)
+        for (block_d, column), configs in mod.CANDIDATES_SM90.items():
+            for config in configs:
+                add(module, mod, block_d, *CANDIDATE_DTYPES[column], 90, config)
     return out
 
 
 def resource_usage(
-    module: str, name: str, d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, cc: int
+    module: str, name: str, d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, cc: int, config=None
 ) -> dict[str, int]:
     """Compile one variant for sm_<cc> and return its cuobjdump resource usage (REG, STACK, LOCAL, SHARED)."""
     import importlib
@@ -67,7 +86,7 @@ def resource_usage(
     from triton.compiler import ASTSource
 
     mod = importlib.import_module(f"fastssl.kernels.{module}")
-    spec = next(s for s in mod.aot_specs(d, x_dtype, bank_dtype, arch=cc) if s["name"] == name)
+    spec = next(s for s in mod.aot_specs(d, x_dtype, bank_dtype, arch=cc, config=config) if s["name"] == name)
     src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"], attrs=spec["attrs"])
     options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
@@ -78,7 +97,8 @@ def resource_usage(
             [str(CUOBJDUMP), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
         ).stdout
     function = dump.split(f"Function {spec['fn'].__name__}:", 1)[1]
-    return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", function)}
+    usage = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", function)}
+    return {**usage, "DYNAMIC_SHARED": int(compiled.metadata.shared)}
 
 
 SPECS = _specs()
@@ -114,6 +134,7 @@ def test_compiles_without_spills(usage: dict, spec: tuple) -> None:
     assert isinstance(result, dict), f"compile failed: {result}"
     assert result["LOCAL"] == 0 and result["STACK"] == 0, f"register spills: {result}"
     assert 0 < result["REG"] <= 255
+    assert result["DYNAMIC_SHARED"] <= MAX_SHARED_PER_BLOCK[spec[5]], f"shared memory over the launch limit: {result}"
 
 
 def test_every_jit_function_is_compiled_by_the_aot_specs():
@@ -128,6 +149,7 @@ def test_every_jit_function_is_compiled_by_the_aot_specs():
     }
     helpers = {  # helper -> a launched kernel whose source calls it (directly or through another helper)
         "query_dot": "_bank_softmax_stats_partial_kernel",
+        "query_dot_acc": "_bank_softmax_stats_partial_kernel",
         "split_query": "_bank_softmax_stats_partial_kernel",
         "_pack_keys": "_bank_topk_partial_kernel",
         "_unpack_value": "_bank_topk_partial_kernel",

@@ -122,6 +122,48 @@ def test_fp32_queries_over_16bit_bank_keep_fp32_logits(device: str, bank_dtype: 
     torch.testing.assert_close(mu.double().cpu(), mu_ref, rtol=0, atol=MU_ATOL[bank_dtype])
 
 
+# (R, K, D, with positive, block_dc): logits dot streamed in D-chunks, with a masked last chunk where D is no multiple.
+CHUNKED_CPU = [(5, 37, 48, True, 16), (4, 29, 40, False, 32)]
+CHUNKED_CUDA = CHUNKED_CPU + [(257, 4099, 512, True, 64), (130, 3000, 320, False, 64)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_d_chunked_logits_match_fp64_oracle(device: str, dtype: torch.dtype) -> None:
+    """Streaming s = x·bᵀ in D-chunks (the query re-read per bank tile) gives the oracle's LSE and μ."""
+    _skip_unsupported(device, dtype)
+    gen = torch.Generator().manual_seed(6)
+    for r, k, d, with_pos, block_dc in CHUNKED_CPU if device == "cpu" else CHUNKED_CUDA:
+        if dtype == torch.float32 and d > 128:
+            continue
+        x, bank = _unit(r, d, dtype, device, gen), _unit(k, d, dtype, device, gen)
+        pos = _unit(r, d, dtype, device, gen) if with_pos else None
+        inv_tau = _inv_tau(r, device)
+        lse, mu = bank_softmax_stats(x, inv_tau, bank, pos, num_splits=3, block_dc=block_dc, **_launch_kwargs(device))
+        lse_ref, mu_ref = oracle(x, inv_tau, bank, pos)
+        case = f"R={r} K={k} D={d} pos={with_pos} block_dc={block_dc}"
+        torch.testing.assert_close(lse.double().cpu(), lse_ref, rtol=2e-6, atol=1e-5, msg=lambda m, c=case: f"{c}: {m}")
+        torch.testing.assert_close(
+            mu.double().cpu(), mu_ref, rtol=0, atol=MU_ATOL[dtype], msg=lambda m, c=case: f"{c}: {m}"
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bank_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_d_chunked_fp32_queries_keep_fp32_logits(device: str, bank_dtype: torch.dtype) -> None:
+    """Split fp32 queries streamed in D-chunks: fp32-accurate LSE at τ = 0.01 (each chunk by Horner's rule)."""
+    _skip_unsupported(device, bank_dtype)
+    gen = torch.Generator().manual_seed(7)
+    r, k, d, block_dc = (6, 45, 48, 16) if device == "cpu" else (300, 7000, 512, 64)
+    x, bank = _unit(r, d, torch.float32, device, gen), _unit(k, d, bank_dtype, device, gen)
+    pos = _unit(r, d, torch.float32, device, gen)
+    inv_tau = _inv_tau(r, device)
+    lse, mu = bank_softmax_stats(x, inv_tau, bank, pos, num_splits=2, block_dc=block_dc, **_launch_kwargs(device))
+    lse_ref, mu_ref = oracle(x, inv_tau, bank, pos)
+    torch.testing.assert_close(lse.double().cpu(), lse_ref, rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(mu.double().cpu(), mu_ref, rtol=0, atol=MU_ATOL[bank_dtype])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_overflow_at_smallest_temperature(device: str) -> None:
     """Logits of 100 (x = b, τ = 0.01) would overflow exp in fp32 without the running max; LSE is exact."""
