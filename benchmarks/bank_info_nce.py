@@ -10,6 +10,9 @@ Providers (each checked against the reference's loss and query gradient before i
   triton     backend="triton": the fused split-K kernels of fastssl.kernels
   triton_bankq  the same with query_precision="bank": queries rounded to the 16-bit bank dtype (one tensor-core dot
              per tile instead of two; its loss differs from the fp32-query reference by that rounding)
+  triton_compile  torch.compile of the triton provider: the kernels stay opaque custom ops, inductor fuses the
+             normalisation, epilogue and backward around them into a few kernels (the eager loss is host-bound: ~30
+             small launches around two kernels)
 
 Usage: python benchmarks/bank_info_nce.py [--shapes targets] [--smoke]
 """
@@ -65,14 +68,17 @@ def providers(smoke: bool) -> dict[str, Callable]:
     def backend(name: str, query_precision: str = "float32") -> Callable:
         return lambda q, k, b: FF.moco_loss(q, k, b, TAU, backend=name, query_precision=query_precision)
 
-    compiled = torch.compile(backend("reference"), backend="aot_eager" if smoke else "inductor", dynamic=False)
+    def compiled(fn: Callable) -> Callable:
+        return torch.compile(fn, backend="aot_eager" if smoke else "inductor", dynamic=False)
+
     return {
         "reference": backend("reference"),
-        "compile": compiled,
+        "compile": compiled(backend("reference")),
         "streaming": backend("streaming"),
         "sdpa": sdpa_info_nce,
         "triton": backend("triton"),
         "triton_bankq": backend("triton", "bank"),
+        "triton_compile": compiled(backend("triton")),
     }
 
 

@@ -496,6 +496,8 @@ class Trial(NamedTuple):
 
 
 # Failures that make a row an error row instead of aborting the run (a provider that cannot run a shape).
+# Providers wrapped in torch.compile: each shape recompiles (tens of seconds), so --compile-targets-only limits them.
+COMPILED_PROVIDERS = ("compile", "triton_compile")
 PROVIDER_ERRORS = (RuntimeError, NotImplementedError, torch.OutOfMemoryError)
 
 
@@ -522,8 +524,8 @@ def run_matrix(
 
     The reference must come first in ``providers``: its result is what later providers are compared with (a failing
     reference leaves the cell uncompared). A provider that raises one of :data:`PROVIDER_ERRORS` on its first run
-    gives a row with ``ms=None`` and ``error``; the run goes on. ``compile`` is skipped off the target shapes under
-    ``--compile-targets-only``. Each measured row is printed as it is done.
+    gives a row with ``ms=None`` and ``error``; the run goes on. :data:`COMPILED_PROVIDERS` are skipped off the target
+    shapes under ``--compile-targets-only``. Each measured row is printed as it is done.
 
     Args:
         args: parsed matrix command line (:func:`add_matrix_options`).
@@ -550,7 +552,7 @@ def run_matrix(
         for mode in modes:
             reference = None
             for name, fn in providers.items():
-                if name == "compile" and args.compile_targets_only and shape not in targets:
+                if name in COMPILED_PROVIDERS and args.compile_targets_only and shape not in targets:
                     continue
                 row = new_row(shape, mode, name)
                 cell = trial(fn, inputs, mode)

@@ -17,8 +17,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {
-    "soft_bank_cross_entropy": {"reference", "compile", "streaming", "sdpa", "triton", "triton_bankq"},
-    "bank_info_nce": {"reference", "compile", "streaming", "sdpa", "triton", "triton_bankq"},
+    "soft_bank_cross_entropy": {
+        "reference",
+        "compile",
+        "streaming",
+        "sdpa",
+        "triton",
+        "triton_bankq",
+        "triton_compile",
+    },
+    "bank_info_nce": {"reference", "compile", "streaming", "sdpa", "triton", "triton_bankq", "triton_compile"},
     "bank_topk": {"reference", "compile", "streaming", "torch_mm", "triton"},
     "bank_memory": {"setup", "reference", "streaming"},
 }
