@@ -13,7 +13,6 @@ from fastssl.functional.inputs import (
     check_temperature,
     checked_on_every_rank,
     is_sharded_bank,
-    normalized,
     query_dtype_for,
 )
 from fastssl.ops.bank_info_nce import bank_info_nce
@@ -51,12 +50,13 @@ def moco_loss(
         tau = check_temperature("tau", tau)
     query_dtype = query_dtype_for(rows, query, query_precision)
     return bank_info_nce(
-        normalized(query),
-        normalized(key.detach()),
+        query,
+        key.detach(),
         rows,
         tau,
         reduction=reduction,
         backend=backend,
         sharded=is_sharded_bank(bank),
         query_dtype=query_dtype,
+        normalize=True,  # inside the op: the normalization's backward is folded into its saved gradient
     )

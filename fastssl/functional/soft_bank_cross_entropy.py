@@ -11,7 +11,6 @@ from fastssl.functional.inputs import (
     check_temperature,
     checked_on_every_rank,
     is_sharded_bank,
-    normalized,
     query_dtype_for,
 )
 from fastssl.ops.soft_bank_cross_entropy import soft_bank_cross_entropy as soft_bank_cross_entropy_op
@@ -57,8 +56,8 @@ def soft_bank_cross_entropy(
         tau_student = check_temperature("tau_student", tau_student)
         tau_teacher = check_temperature("tau_teacher", tau_teacher)
     return soft_bank_cross_entropy_op(
-        normalized(student),
-        normalized(teacher.detach()),
+        student,
+        teacher.detach(),
         rows,
         tau_student,
         tau_teacher,
@@ -67,4 +66,5 @@ def soft_bank_cross_entropy(
         backend=backend,
         sharded=is_sharded_bank(bank),
         query_dtype=query_dtype_for(rows, student, query_precision),
+        normalize=True,  # inside the op: the normalization's backward is folded into its saved gradient
     )

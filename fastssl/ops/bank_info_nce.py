@@ -7,7 +7,8 @@ Derivation (q: L2-normalized query, k⁺: its positive key, B: (K, D) bank of ne
     ∂L/∂q = (Σ_j softmax(z)_j v_j − k⁺)/τ = (μ − k⁺)/τ
 
 One pass computing (LSE, μ) with the positive folded in as logit 0 yields loss and gradient. Keys get no gradient
-(they come from the momentum encoder).
+(they come from the momentum encoder). With ``normalize=True`` the op takes raw embeddings, normalizes them itself and
+saves the gradient with respect to the raw query (:mod:`fastssl.ops.unit_rows`), so autograd adds no nodes around it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastssl.ops.bank_softmax_stats import bank_softmax_stats
 from fastssl.ops.query_dtype import rounded_rows
 from fastssl.ops.reduction import reduce_rows, scale_saved_gradient
 from fastssl.ops.sharded_bank_softmax_stats import sharded_bank_softmax_stats
+from fastssl.ops.unit_rows import normalized_with_autograd, unit_rows, unit_rows_backward
 
 
 def bank_info_nce_reference(
@@ -46,21 +48,26 @@ class BankInfoNCEFunction(torch.autograd.Function):
     """Loss and gradient from one bank pass; saves only the (N, D) gradient, never the bank."""
 
     @staticmethod
-    def forward(ctx, query, key, bank, tau: float, reduction: str, backend: str, sharded: bool, query_dtype):
+    def forward(
+        ctx, query, key, bank, tau: float, reduction: str, backend: str, sharded: bool, query_dtype, normalize: bool
+    ):
         n = query.shape[0]
         acc_dtype = accumulation_dtype(query, key, bank)
+        ctx.query_dtype = query.dtype
+        if normalize:
+            query, q_denom, q_norm = unit_rows(query)
+            key = unit_rows(key)[0]
         inv_tau = torch.full((n,), 1.0 / tau, dtype=acc_dtype, device=query.device)
         q_x = query.to(query_dtype or query.dtype)  # rounded when query_dtype is 16-bit; the gradient is not
         key_x = key.to(q_x.dtype)
         stats = sharded_bank_softmax_stats if sharded else bank_softmax_stats
         lse, mu = stats(q_x, inv_tau, bank, key_x, backend=backend)
         k_acc = key_x.to(acc_dtype)
-        rows = lse - (q_x.to(acc_dtype) * k_acc).sum(dim=1) / tau
-        grad = (mu - k_acc) / tau
-        if reduction == "mean":
-            grad = grad / n
+        rows = torch.sub(lse, (q_x.to(acc_dtype) * k_acc).sum(dim=1), alpha=1.0 / tau)
+        grad = (mu - k_acc).mul_(1.0 / (tau * n) if reduction == "mean" else 1.0 / tau)  # (N, D) ∂loss/∂q
+        if normalize:
+            grad = unit_rows_backward(grad, query.to(acc_dtype), q_denom, q_norm)
         ctx.reduction = reduction
-        ctx.query_dtype = query.dtype
         ctx.save_for_backward(grad)
         return reduce_rows(rows, reduction)
 
@@ -68,7 +75,7 @@ class BankInfoNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
         grad_query = scale_saved_gradient(grad, grad_output, ctx.reduction, ctx.query_dtype)
-        return grad_query, None, None, None, None, None, None, None
+        return grad_query, None, None, None, None, None, None, None, None
 
 
 def bank_info_nce(
@@ -81,12 +88,13 @@ def bank_info_nce(
     backend: str = "auto",
     sharded: bool = False,
     query_dtype: torch.dtype | None = None,
+    normalize: bool = False,
 ) -> torch.Tensor:
-    """InfoNCE of already-normalized queries with positive ``key`` and negatives ``bank``.
+    """InfoNCE of normalized queries with positive ``key`` and negatives ``bank``.
 
     Args:
-        query: (N, D) L2-normalized queries; receives the gradient.
-        key: (N, D) L2-normalized positive keys; no gradient.
+        query: (N, D) L2-normalized queries (raw with ``normalize``); receives the gradient.
+        key: (N, D) L2-normalized positive keys (raw with ``normalize``); no gradient.
         bank: (K, D) negatives, used as stored.
         tau: temperature τ.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
@@ -95,6 +103,8 @@ def bank_info_nce(
             the union of the shards (:mod:`fastssl.ops.sharded_bank_softmax_stats`). Every rank must call this.
         query_dtype: round the query and key values to this dtype (e.g. the bank's fp16) before the kernels; the
             gradient stays in the query's dtype, unrounded.
+        normalize: L2-normalize ``query`` and ``key`` here (in fp32, as ``F.normalize``), the normalization's
+            backward folded into the saved gradient.
 
     Returns:
         Scalar (or (N,)) in fp32 (fp64 for fp64 inputs).
@@ -103,5 +113,9 @@ def bank_info_nce(
     if sharded and backend == "reference":
         raise ValueError('a sharded bank needs the "streaming" or "triton" backend (the reference sees one shard)')
     if backend == "reference":
+        if normalize:
+            query, key = normalized_with_autograd(query), normalized_with_autograd(key.detach())
         return bank_info_nce_reference(query, key, bank, tau, reduction=reduction, query_dtype=query_dtype)
-    return BankInfoNCEFunction.apply(query, key.detach(), bank.detach(), tau, reduction, backend, sharded, query_dtype)
+    return BankInfoNCEFunction.apply(
+        query, key.detach(), bank.detach(), tau, reduction, backend, sharded, query_dtype, normalize
+    )

@@ -11,7 +11,9 @@ Derivation (s, t: L2-normalized student / teacher rows; B: (K, D) bank; S = s·B
 
 So one pass computing (LSE, μ) for the 2N stacked rows [s/τ_s; t/τ_t] yields the loss AND its gradient; backward
 only scales the saved (N, D) gradient by grad_output. The teacher gets no gradient (stop-gradient in both papers).
-The chain rule through the L2-normalization is left to autograd outside this op.
+With ``normalize=False`` the chain rule through the L2-normalization is left to autograd outside this op; with
+``normalize=True`` the op normalizes raw rows itself and folds that Jacobian into the saved gradient
+(:mod:`fastssl.ops.unit_rows`), so autograd adds no nodes around it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from fastssl.ops.bank_softmax_stats import bank_softmax_stats
 from fastssl.ops.query_dtype import rounded_rows
 from fastssl.ops.reduction import reduce_rows, scale_saved_gradient
 from fastssl.ops.sharded_bank_softmax_stats import sharded_bank_softmax_stats
+from fastssl.ops.unit_rows import normalized_with_autograd, unit_rows, unit_rows_backward
 
 
 def soft_bank_cross_entropy_reference(
@@ -66,29 +69,30 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
         backend: str,
         sharded: bool,
         query_dtype: torch.dtype | None,
+        normalize: bool,
     ) -> torch.Tensor:
         n = student.shape[0]
         acc_dtype = accumulation_dtype(student, teacher, bank)
+        ctx.student_dtype = student.dtype
+        if normalize:
+            student, s_denom, s_norm = unit_rows(student)
+            teacher = unit_rows(teacher)[0]
         x_dtype = query_dtype or torch.promote_types(student.dtype, teacher.dtype)
         x = torch.cat([student.to(x_dtype), teacher.to(x_dtype)])  # (2N, D), rounded when query_dtype is 16-bit
-        inv_tau = torch.cat(
-            [
-                torch.full((n,), 1.0 / tau_student, dtype=acc_dtype, device=x.device),
-                torch.full((n,), 1.0 / tau_teacher, dtype=acc_dtype, device=x.device),
-            ]
-        )
+        inv_tau = torch.full((2 * n,), 1.0 / tau_student, dtype=acc_dtype, device=x.device)
+        inv_tau[n:].fill_(1.0 / tau_teacher)
         stats = sharded_bank_softmax_stats if sharded else bank_softmax_stats
         lse, mu = stats(x, inv_tau, bank, backend=backend)
         lse_q, lse_p, mu_q, mu_p = lse[:n], lse[n:], mu[:n], mu[n:]
         s, t = x[:n].to(acc_dtype), x[n:].to(acc_dtype)
-        rows = lse_q - (s * mu_p).sum(dim=1) / tau_student
+        rows = torch.sub(lse_q, (s * mu_p).sum(dim=1), alpha=1.0 / tau_student)
         if kl:
-            rows = rows - (lse_p - (t * mu_p).sum(dim=1) / tau_teacher)
-        grad = (mu_q - mu_p) / tau_student  # (N, D) ∂row/∂s
-        if reduction == "mean":
-            grad = grad / n
+            rows = rows.sub_(lse_p).add_((t * mu_p).sum(dim=1), alpha=1.0 / tau_teacher)
+        # (N, D) ∂loss/∂s: (μ_q − μ_p)/τ_s per row
+        grad = (mu_q - mu_p).mul_(1.0 / (tau_student * n) if reduction == "mean" else 1.0 / tau_student)
+        if normalize:
+            grad = unit_rows_backward(grad, student.to(acc_dtype), s_denom, s_norm)
         ctx.reduction = reduction
-        ctx.student_dtype = student.dtype
         ctx.save_for_backward(grad)
         return reduce_rows(rows, reduction)
 
@@ -97,6 +101,7 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         return (
             scale_saved_gradient(grad, grad_output, ctx.reduction, ctx.student_dtype),
+            None,
             None,
             None,
             None,
@@ -121,12 +126,13 @@ def soft_bank_cross_entropy(
     backend: str = "auto",
     sharded: bool = False,
     query_dtype: torch.dtype | None = None,
+    normalize: bool = False,
 ) -> torch.Tensor:
-    """CE (or KL) of softmax(t·Bᵀ/τ_t) against softmax(s·Bᵀ/τ_s) for already-normalized rows.
+    """CE (or KL) of softmax(t·Bᵀ/τ_t) against softmax(s·Bᵀ/τ_s) for normalized rows.
 
     Args:
-        student: (N, D) L2-normalized student rows; receives the gradient.
-        teacher: (N, D) L2-normalized teacher rows; no gradient.
+        student: (N, D) L2-normalized student rows (raw with ``normalize``); receives the gradient.
+        teacher: (N, D) L2-normalized teacher rows (raw with ``normalize``); no gradient.
         bank: (K, D) bank rows, used as stored.
         tau_student: τ_s.
         tau_teacher: τ_t.
@@ -137,6 +143,8 @@ def soft_bank_cross_entropy(
             the union of the shards (:mod:`fastssl.ops.sharded_bank_softmax_stats`). Every rank must call this.
         query_dtype: round both rows' values to this dtype (e.g. the bank's fp16) before the kernels, which then
             need one tensor-core dot per tile; the gradient stays in the student's dtype, unrounded.
+        normalize: L2-normalize ``student`` and ``teacher`` here (in fp32, as ``F.normalize``), the normalization's
+            backward folded into the saved gradient.
 
     Returns:
         Scalar (or (N,) for ``"none"``) in fp32 (fp64 for fp64 inputs).
@@ -145,9 +153,21 @@ def soft_bank_cross_entropy(
     if sharded and backend == "reference":
         raise ValueError('a sharded bank needs the "streaming" or "triton" backend (the reference sees one shard)')
     if backend == "reference":
+        if normalize:
+            student, teacher = normalized_with_autograd(student), normalized_with_autograd(teacher.detach())
         return soft_bank_cross_entropy_reference(
             student, teacher, bank, tau_student, tau_teacher, kl=kl, reduction=reduction, query_dtype=query_dtype
         )
     return SoftBankCrossEntropyFunction.apply(
-        student, teacher.detach(), bank.detach(), tau_student, tau_teacher, kl, reduction, backend, sharded, query_dtype
+        student,
+        teacher.detach(),
+        bank.detach(),
+        tau_student,
+        tau_teacher,
+        kl,
+        reduction,
+        backend,
+        sharded,
+        query_dtype,
+        normalize,
     )
