@@ -42,8 +42,11 @@ bank tile once from HBM, the other row blocks hitting L2.
 
 D-chunked logits (config ``block_dc``): by default the (split) query tile is loaded once and stays in registers for
 the whole scan. At D = 512 that tile (BLOCK_R × 512 × 2 fp16 terms) competes with the BLOCK_R × 512 fp32 μ
-accumulator and forces 16-row blocks; with ``block_dc`` < BLOCK_D, s = x·bᵀ is accumulated chunk by chunk (query and
-bank chunks re-read from L1/L2, each chunk's split terms combined by Horner's rule), which frees those registers.
+accumulator and forces 16-row blocks; with ``block_dc`` < BLOCK_D, s = x·bᵀ is accumulated chunk by chunk
+(:func:`dot_precision.chunked_query_dot`: query and bank chunks loaded per chunk, each 16-bit term in its own
+accumulator), which frees those registers and the shared memory of the whole-row operand tiles. The price: the full
+bank tile for P·B is loaded as well (the chunks re-read it from L1/L2), and since the chunk loop is then the innermost
+loop, only its loads are software-pipelined.
 
 Invalid (not yet written) bank rows are excluded by passing only the valid rows (``MemoryBank.keys``); bank offsets
 are int64 so banks up to 2^24 × 512 elements and beyond are addressed correctly.
@@ -60,11 +63,11 @@ import triton.language as tl
 from .dot_precision import (
     DotPlan,
     block_d_chunk,
+    chunked_query_dot,
     config_tag,
     device_arch,
     dot_plan,
     query_dot,
-    query_dot_acc,
     split_query,
     table_config,
 )
@@ -100,36 +103,43 @@ class StatsConfig:
 
 # Deterministic config table keyed by (BLOCK_D, DotPlan.config_class): "16" plain 16-bit, "32x16" fp32 queries split
 # over a 16-bit bank, "32" fp32. A table instead of runtime autotuning keeps the reduction order, hence the bits of the
-# result, identical across processes. The D = 128 and 512 entries are compiled for sm_80 and sm_90 and checked for
-# register spills by tests/test_kernels_aot.py; D = 32, 64, 256 were checked once the same way (D = 16 was not). fp32
+# result, identical across processes. The D = 128 and 512 entries are compiled for sm_80, sm_86, sm_89 and sm_90 and
+# checked for register spills and shared memory by tests/test_kernels_aot.py; D = 32, 64, 256 were checked once for
+# sm_80/sm_90 (D = 16 was not). fp32
 # banks are limited to D <= 128: the fp32 operand tiles of wider rows spill at every tile size tried (3xTF32 and IEEE
 # alike). This table holds for sm_80 and up; CONFIGS_SM90 overrides it on Hopper with the fastest configs of
 # benchmarks/gpu_check.py's sweep on an H100 (R = 512, K = 2^20: benchmarks/results/nvidia-h100-80gb-hbm3/
 # kernel_configs.md), which spill on sm_80. D = 128 (64, 64, 4, 3) was second-fastest there (0.81 ms vs 0.76 ms with
-# fp32 queries); D = 256 and the smaller dims are not measured.
+# fp32 queries); D = 256 and the smaller dims are not measured. At D = 512 the whole-row tiles need 100–147 KB of
+# shared memory, over the 99 KB of sm_86/sm_89 (A10, L4, RTX 30/40), so this table streams the logits in D-chunks of
+# 64 there (76–78 KB, no spills on sm_80/86/89; not measured on any GPU), while the H100 keeps its measured entries.
 CONFIGS: dict[tuple[int, str], StatsConfig] = {
     **{(bd, "16"): StatsConfig(64, 64, 4, 3) for bd in (16, 32, 64)},
     (128, "16"): StatsConfig(64, 64, 4, 3),
     (256, "16"): StatsConfig(64, 64, 8, 2),
-    (512, "16"): StatsConfig(32, 64, 8, 2),
+    (512, "16"): StatsConfig(32, 64, 8, 2, 64),
     **{(bd, "32x16"): StatsConfig(64, 64, 4, 3) for bd in (16, 32, 64)},
     (128, "32x16"): StatsConfig(64, 64, 4, 3),
     (256, "32x16"): StatsConfig(64, 64, 8, 2),
-    (512, "32x16"): StatsConfig(16, 64, 4, 2),
+    (512, "32x16"): StatsConfig(16, 64, 4, 2, 64),
     **{(bd, "32"): StatsConfig(32, 32, 8, 2) for bd in (16, 32, 64, 128)},
 }
 CONFIGS_SM90: dict[tuple[int, str], StatsConfig] = {
     (128, "16"): StatsConfig(64, 128, 4, 3),
     (128, "32x16"): StatsConfig(128, 128, 8, 3),
     (512, "16"): StatsConfig(64, 64, 8, 2),
+    (512, "32x16"): StatsConfig(16, 64, 4, 2),  # whole row, as measured (12.2 ms in the sweep)
 }
-# Not yet measured, so not in the tables: D-chunked logits (block_dc = 64) free the registers of the split fp32 query
-# tile, so 64-row blocks fit next to the 64 × 512 fp32 μ accumulator without spilling on sm_90 (255 registers, 128 KB
-# shared; the whole-row tile at 64 rows needs 256 KB of shared memory and failed with OutOfResources on the H100).
+# Not yet measured, so not in the tables: D-chunked logits free the registers of the split fp32 query tile, so 64-row
+# blocks fit next to the 64 × 512 fp32 μ accumulator without spilling on sm_90 (255 registers, 128 KB shared; the
+# whole-row tile at 64 rows needs 256 KB of shared memory and failed with OutOfResources on the H100). Fp32 queries
+# take chunks of 32 (chunks of 64 spill 16 bytes). Caveat: the chunk loop becomes the innermost loop, so Triton
+# pipelines only its loads; the full bank tile for P·B is a plain load, re-read from L1/L2 next to the chunks, and the
+# pipeline drains at every bank tile. Whether 4× the rows per block outweighs that is what the sweep measures.
 # tests/test_kernels_aot.py compiles each for sm_90 and checks for spills; benchmarks/gpu_check.py's sweep times them
 # next to the table entries, and the faster ones move into CONFIGS_SM90.
 CANDIDATES_SM90: dict[tuple[int, str], list[StatsConfig]] = {
-    (512, "32x16"): [StatsConfig(64, 64, 8, 2, 64)],
+    (512, "32x16"): [StatsConfig(64, 64, 8, 2, 32)],
     (512, "16"): [StatsConfig(64, 64, 8, 2, 64)],
 }
 
@@ -222,22 +232,10 @@ def _bank_softmax_stats_partial_kernel(
         if BLOCK_DC == BLOCK_D:
             s = query_dot(x_hi, x_lo, x_lo2, tl.trans(b), X_TERMS, LO_SCALE, INPUT_PRECISION)
         else:
-            s = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
-            for d0 in range(0, D, BLOCK_DC):
-                offs_dc = d0 + tl.arange(0, BLOCK_DC)
-                dc_ok = offs_dc < D
-                x_c = tl.load(
-                    x_ptr + rows[:, None] * stride_x + offs_dc[None, :],
-                    mask=row_ok[:, None] & dc_ok[None, :],
-                    other=0.0,
-                )
-                c_hi, c_lo, c_lo2 = split_query(x_c, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
-                b_c = tl.load(
-                    bank_ptr + offs_k.to(tl.int64)[:, None] * stride_bank + offs_dc[None, :],
-                    mask=k_ok[:, None] & dc_ok[None, :],
-                    other=0.0,
-                ).to(COMPUTE_DTYPE)
-                s = query_dot_acc(s, c_hi, c_lo, c_lo2, tl.trans(b_c), X_TERMS, LO_SCALE, INPUT_PRECISION)
+            s = chunked_query_dot(
+                x_ptr, rows, row_ok, stride_x, bank_ptr, offs_k, k_ok, stride_bank, D,
+                BLOCK_R, BLOCK_K, BLOCK_DC, COMPUTE_DTYPE, X_TERMS, LO_SCALE, INPUT_PRECISION,
+            )  # fmt: skip
         s = s * qk_scale[:, None]
         s = tl.where(k_ok[None, :], s, float("-inf"))
         # Every block holds at least one valid column, so m_new is finite and α, P never see inf - inf.

@@ -35,8 +35,10 @@ true, and nothing is below the -inf start value); a row left with fewer than k s
 values and in-range placeholder indices for the rest, instead of undefined ones.
 
 D-chunked dot (config ``block_dc``): by default the (split) query tile stays in registers for the whole scan; with
-``block_dc`` < BLOCK_D the tile s is accumulated over D-chunks of query and bank (a GEMM main loop, the query re-read
-from L1/L2 per bank tile), which keeps wide rows (D = 512) in wgmma-sized 64-row blocks and small shared memory.
+``block_dc`` < BLOCK_D the tile s is accumulated over D-chunks of query and bank
+(:func:`dot_precision.chunked_query_dot`, the query re-read from L1/L2 per bank tile), which frees the registers and
+shared memory of the whole-row tiles: at D = 512 it lets sm_90 try 64-row blocks (CANDIDATES_SM90) and keeps the
+sm_8x table within its shared memory.
 
 The networks are written here with min/max over size-2 axes of a [2, 2, ...] view of the tile rather than with
 ``tl.topk``/``tl.sort``, whose compare-exchange is an xor-reduction that Triton's CPU interpreter evaluates element by
@@ -54,11 +56,11 @@ import triton.language as tl
 from .dot_precision import (
     DotPlan,
     block_d_chunk,
+    chunked_query_dot,
     config_tag,
     device_arch,
     dot_plan,
     query_dot,
-    query_dot_acc,
     split_query,
     table_config,
 )
@@ -89,8 +91,9 @@ class TopkConfig:
 # K = 2^20, fp32 queries over an fp16 bank: benchmarks/results/nvidia-h100-80gb-hbm3/kernel_configs.md) D = 128
 # (64, 64, 4, 3) ran k = 10 in 0.77 ms and CONFIGS_SM90's (64, 128, 4, 3), which spills on sm_80, in 0.74 ms; D = 512
 # (32, 64, 4, 2) was the fastest tried. The other entries are not measured. On sm_80 that whole-row D = 512 tile needs
-# 192 KB of shared memory over a bf16 bank (over the A100's 163 KB: the launch would fail), so the sm_80 table streams
-# the dot in D-chunks of 64 (16 KB) and the H100 keeps its measured whole-row entry.
+# 192 KB of shared memory over a bf16 bank (over the A100's 163 KB: the launch would fail; 160 KB over an fp16 bank),
+# so the sm_8x table streams the dot in D-chunks of 64 (16 KB) for both bank dtypes (the key does not tell them apart;
+# neither is measured), and the H100 keeps its measured whole-row entry.
 CONFIGS: dict[tuple[int, str], TopkConfig] = {
     **{(bd, "16"): TopkConfig(64, 64, 4, 3) for bd in (16, 32, 64)},
     (128, "16"): TopkConfig(64, 64, 4, 3),
@@ -261,20 +264,10 @@ def _bank_topk_partial_kernel(
             ).to(COMPUTE_DTYPE)
             s = query_dot(q_hi, q_lo, q_lo2, tl.trans(b), X_TERMS, LO_SCALE, INPUT_PRECISION)
         else:
-            s = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-            for d0 in range(0, D, BLOCK_DC):
-                offs_dc = d0 + tl.arange(0, BLOCK_DC)
-                dc_ok = offs_dc < D
-                q_c = tl.load(
-                    q_ptr + rows[:, None] * stride_q + offs_dc[None, :], mask=n_ok[:, None] & dc_ok[None, :], other=0.0
-                )
-                c_hi, c_lo, c_lo2 = split_query(q_c, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
-                b_c = tl.load(
-                    bank_ptr + offs_k.to(tl.int64)[:, None] * stride_bank + offs_dc[None, :],
-                    mask=k_ok[:, None] & dc_ok[None, :],
-                    other=0.0,
-                ).to(COMPUTE_DTYPE)
-                s = query_dot_acc(s, c_hi, c_lo, c_lo2, tl.trans(b_c), X_TERMS, LO_SCALE, INPUT_PRECISION)
+            s = chunked_query_dot(
+                q_ptr, rows, n_ok, stride_q, bank_ptr, offs_k, k_ok, stride_bank, D,
+                BLOCK_N, BLOCK_K, BLOCK_DC, COMPUTE_DTYPE, X_TERMS, LO_SCALE, INPUT_PRECISION,
+            )  # fmt: skip
         s = tl.where(k_ok[None, :], s, float("-inf"))
         row_max = tl.max(s, axis=1)
         gain = tl.max((row_max > kth_value).to(tl.int32), axis=0)

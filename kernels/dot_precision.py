@@ -34,7 +34,7 @@ __all__ = [
     "dot_plan",
     "split_query",
     "query_dot",
-    "query_dot_acc",
+    "chunked_query_dot",
     "block_d_chunk",
     "config_tag",
     "device_arch",
@@ -168,20 +168,55 @@ def query_dot(
 
 
 @triton.jit
-def query_dot_acc(
-    acc,
-    hi,
-    lo,
-    lo2,
-    bank_t,
+def chunked_query_dot(
+    x_ptr,  # (rows, D) fp16/bf16/fp32 query rows
+    rows,  # (BLOCK_ROWS,) int64 row indices of the tile
+    row_ok,  # (BLOCK_ROWS,) row mask
+    stride_x,
+    bank_ptr,  # (K, D) bank
+    offs_k,  # (BLOCK_K,) bank row indices of the tile
+    k_ok,  # (BLOCK_K,) bank row mask
+    stride_bank,
+    D,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DC: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
     X_TERMS: tl.constexpr,
     LO_SCALE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """acc + x·bᵀ for one D-chunk of a query tile that is streamed in chunks (see :func:`query_dot`).
+    """fp32 (BLOCK_ROWS, BLOCK_K) tile x·bᵀ streamed over D in chunks of BLOCK_DC (query and bank chunks loaded and the
+    query split per chunk), for tiles whose whole-row split query would not fit in registers.
 
-    A plain 16-bit query accumulates on the tensor cores; a split query completes its chunk by Horner's rule first,
-    since the rescaling by L applies to a chunk's hi-sum only, then adds it (one extra fp32 rounding per chunk)."""
-    if X_TERMS == 1:
-        return tl.dot(hi, bank_t, acc, input_precision=INPUT_PRECISION)
-    return acc + query_dot(hi, lo, lo2, bank_t, X_TERMS, LO_SCALE, INPUT_PRECISION)
+    Each 16-bit term keeps its own tensor-core accumulator over the chunks, and the terms are combined once at the end
+    by the same Horner's rule as :func:`query_dot`: ((Σhi·b)·L + Σlo·b)/L, so the result has the whole-row accuracy."""
+    acc_hi = tl.zeros((BLOCK_ROWS, BLOCK_K), tl.float32)
+    acc_lo = tl.zeros((BLOCK_ROWS, BLOCK_K), tl.float32)
+    acc_lo2 = tl.zeros((BLOCK_ROWS, BLOCK_K), tl.float32)
+    bank_rows = offs_k.to(tl.int64)
+    for d0 in range(0, D, BLOCK_DC):
+        offs_dc = d0 + tl.arange(0, BLOCK_DC)
+        dc_ok = offs_dc < D
+        x_c = tl.load(
+            x_ptr + rows[:, None] * stride_x + offs_dc[None, :], mask=row_ok[:, None] & dc_ok[None, :], other=0.0
+        )
+        hi, lo, lo2 = split_query(x_c, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
+        bank_t = tl.trans(
+            tl.load(
+                bank_ptr + bank_rows[:, None] * stride_bank + offs_dc[None, :],
+                mask=k_ok[:, None] & dc_ok[None, :],
+                other=0.0,
+            ).to(COMPUTE_DTYPE)
+        )
+        acc_hi = tl.dot(hi, bank_t, acc_hi, input_precision=INPUT_PRECISION)
+        if X_TERMS >= 2:
+            acc_lo = tl.dot(lo, bank_t, acc_lo, input_precision=INPUT_PRECISION)
+        if X_TERMS >= 3:
+            acc_lo2 = tl.dot(lo2, bank_t, acc_lo2, input_precision=INPUT_PRECISION)
+    s = acc_hi
+    if X_TERMS == 2:
+        s = (acc_hi * LO_SCALE + acc_lo) * (1.0 / LO_SCALE)
+    if X_TERMS >= 3:
+        s = ((acc_hi * LO_SCALE + acc_lo) * LO_SCALE + acc_lo2) * (1.0 / (LO_SCALE * LO_SCALE))
+    return s

@@ -123,13 +123,32 @@ def test_fp32_queries_over_16bit_bank_keep_fp32_logits(device: str, bank_dtype: 
 
 
 # (R, K, D, with positive, block_dc): logits dot streamed in D-chunks, with a masked last chunk where D is no multiple.
-CHUNKED_CPU = [(5, 37, 48, True, 16), (4, 29, 40, False, 32)]
+CHUNKED_CPU = [(5, 37, 40, True, 16), (4, 29, 40, False, 32)]
+
+
+@pytest.fixture
+def launched_block_dc(monkeypatch) -> list[int]:
+    """The BLOCK_DC constexpr of every partial-kernel launch (so a test can tell the chunked path ran)."""
+    import fastssl.kernels.bank_softmax_stats as module
+
+    seen: list[int] = []
+    original = module._partial_constexprs
+
+    def spy(*args, **kwargs):
+        constexprs = original(*args, **kwargs)
+        seen.append(constexprs["BLOCK_DC"])
+        return constexprs
+
+    monkeypatch.setattr(module, "_partial_constexprs", spy)
+    return seen
+
+
 CHUNKED_CUDA = CHUNKED_CPU + [(257, 4099, 512, True, 64), (130, 3000, 320, False, 64)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_d_chunked_logits_match_fp64_oracle(device: str, dtype: torch.dtype) -> None:
+def test_d_chunked_logits_match_fp64_oracle(device: str, dtype: torch.dtype, launched_block_dc: list[int]) -> None:
     """Streaming s = x·bᵀ in D-chunks (the query re-read per bank tile) gives the oracle's LSE and μ."""
     _skip_unsupported(device, dtype)
     gen = torch.Generator().manual_seed(6)
@@ -142,6 +161,7 @@ def test_d_chunked_logits_match_fp64_oracle(device: str, dtype: torch.dtype) -> 
         lse, mu = bank_softmax_stats(x, inv_tau, bank, pos, num_splits=3, block_dc=block_dc, **_launch_kwargs(device))
         lse_ref, mu_ref = oracle(x, inv_tau, bank, pos)
         case = f"R={r} K={k} D={d} pos={with_pos} block_dc={block_dc}"
+        assert launched_block_dc[-1] == block_dc, case
         torch.testing.assert_close(lse.double().cpu(), lse_ref, rtol=2e-6, atol=1e-5, msg=lambda m, c=case: f"{c}: {m}")
         torch.testing.assert_close(
             mu.double().cpu(), mu_ref, rtol=0, atol=MU_ATOL[dtype], msg=lambda m, c=case: f"{c}: {m}"
@@ -150,18 +170,32 @@ def test_d_chunked_logits_match_fp64_oracle(device: str, dtype: torch.dtype) -> 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bank_dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_d_chunked_fp32_queries_keep_fp32_logits(device: str, bank_dtype: torch.dtype) -> None:
+def test_d_chunked_fp32_queries_keep_fp32_logits(
+    device: str, bank_dtype: torch.dtype, launched_block_dc: list[int]
+) -> None:
     """Split fp32 queries streamed in D-chunks: fp32-accurate LSE at τ = 0.01 (each chunk by Horner's rule)."""
     _skip_unsupported(device, bank_dtype)
     gen = torch.Generator().manual_seed(7)
-    r, k, d, block_dc = (6, 45, 48, 16) if device == "cpu" else (300, 7000, 512, 64)
+    r, k, d, block_dc = (6, 45, 40, 16) if device == "cpu" else (300, 7000, 500, 64)
     x, bank = _unit(r, d, torch.float32, device, gen), _unit(k, d, bank_dtype, device, gen)
     pos = _unit(r, d, torch.float32, device, gen)
     inv_tau = _inv_tau(r, device)
     lse, mu = bank_softmax_stats(x, inv_tau, bank, pos, num_splits=2, block_dc=block_dc, **_launch_kwargs(device))
+    assert launched_block_dc == [block_dc]
     lse_ref, mu_ref = oracle(x, inv_tau, bank, pos)
     torch.testing.assert_close(lse.double().cpu(), lse_ref, rtol=2e-6, atol=1e-5)
     torch.testing.assert_close(mu.double().cpu(), mu_ref, rtol=0, atol=MU_ATOL[bank_dtype])
+
+
+def test_block_dc_is_validated_and_capped_at_the_row(launched_block_dc: list[int]) -> None:
+    x, bank, inv_tau = torch.randn(2, 32), torch.randn(8, 32), torch.ones(2)
+    for block_dc in (8, 24):
+        with pytest.raises(ValueError, match="block_dc"):
+            bank_softmax_stats(x, inv_tau, bank, block_dc=block_dc)
+    if INTERPRET:  # 0 and anything >= BLOCK_D (32 here) run the whole-row path
+        for block_dc in (0, 64):
+            bank_softmax_stats(x, inv_tau, bank, block_dc=block_dc, block_r=16, block_k=16)
+        assert launched_block_dc == [32, 32]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -154,13 +154,32 @@ def test_fp32_queries_over_16bit_bank(device: str, bank_dtype: torch.dtype) -> N
 
 
 # (N, K, D, k, block_dc): D-chunked dots (block_dc < BLOCK_D), with a masked last chunk where D is no multiple of it.
-CHUNKED_CPU = [(5, 37, 48, 5, 16), (4, 50, 40, 8, 32), (3, 30, 64, 3, 16)]
+CHUNKED_CPU = [(5, 37, 48, 5, 16), (4, 50, 40, 8, 32), (3, 30, 40, 3, 16)]
+
+
+@pytest.fixture
+def launched_block_dc(monkeypatch) -> list[int]:
+    """The BLOCK_DC constexpr of every partial-kernel launch (so a test can tell the chunked path ran)."""
+    import fastssl.kernels.bank_topk as module
+
+    seen: list[int] = []
+    original = module._partial_constexprs
+
+    def spy(*args, **kwargs):
+        constexprs = original(*args, **kwargs)
+        seen.append(constexprs["BLOCK_DC"])
+        return constexprs
+
+    monkeypatch.setattr(module, "_partial_constexprs", spy)
+    return seen
+
+
 CHUNKED_CUDA = CHUNKED_CPU + [(256, 20000, 512, 10, 64), (100, 9000, 320, 64, 64)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_d_chunked_dot_exact_with_ties(device: str, dtype: torch.dtype) -> None:
+def test_d_chunked_dot_exact_with_ties(device: str, dtype: torch.dtype, launched_block_dc: list[int]) -> None:
     """Streaming the dot in D-chunks (the query re-read per bank tile) selects exactly what the fp64 oracle does."""
     _skip_unsupported(device, dtype)
     gen = torch.Generator().manual_seed(8)
@@ -171,13 +190,16 @@ def test_d_chunked_dot_exact_with_ties(device: str, dtype: torch.dtype) -> None:
         values, indices = bank_topk(query, bank, k, num_splits=3, block_dc=block_dc, **_launch_kwargs(device))
         ref_values, ref_indices = oracle(query, bank, k)
         case = f"N={n} K={num_keys} D={d} k={k} block_dc={block_dc}"
+        assert launched_block_dc[-1] == block_dc, case
         assert torch.equal(values.double().cpu(), ref_values), case
         assert torch.equal(indices.cpu(), ref_indices), case
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bank_dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_d_chunked_fp32_queries_over_16bit_bank(device: str, bank_dtype: torch.dtype) -> None:
+def test_d_chunked_fp32_queries_over_16bit_bank(
+    device: str, bank_dtype: torch.dtype, launched_block_dc: list[int]
+) -> None:
     """Split fp32 queries streamed in D-chunks keep fp32-accurate values (each chunk by Horner's rule, then summed)."""
     _skip_unsupported(device, bank_dtype)
     gen = torch.Generator().manual_seed(9)
@@ -186,17 +208,22 @@ def test_d_chunked_fp32_queries_over_16bit_bank(device: str, bank_dtype: torch.d
     bank = torch.nn.functional.normalize(torch.randn(num_keys, d, generator=gen, dtype=torch.float64), dim=1)
     query, bank = query.to(device), bank.to(device, bank_dtype)
     values, indices = bank_topk(query, bank, k, num_splits=2, block_dc=block_dc, **_launch_kwargs(device))
+    assert launched_block_dc == [block_dc]
     ref_values, _ = oracle(query, bank, k)
     torch.testing.assert_close(values.double().cpu(), ref_values, rtol=0, atol=2e-6)
     sims = query.double().cpu() @ bank.double().cpu().T
     torch.testing.assert_close(sims.gather(1, indices.cpu()), values.double().cpu(), rtol=0, atol=2e-6)
 
 
-def test_rejects_bad_block_dc() -> None:
+def test_block_dc_is_validated_and_capped_at_the_row(launched_block_dc: list[int]) -> None:
     query, bank = torch.randn(2, 32), torch.randn(8, 32)
     for block_dc in (8, 24):
         with pytest.raises(ValueError, match="block_dc"):
             bank_topk(query, bank, 2, block_dc=block_dc)
+    if INTERPRET:  # 0 and anything >= BLOCK_D (32 here) run the whole-row path
+        for block_dc in (0, 64):
+            bank_topk(query, bank, 2, block_dc=block_dc, block_n=16, block_k=16)
+        assert launched_block_dc == [32, 32]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU: a bank with more than 2^31 elements (4 GB fp16)")
