@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("triton")
 from conftest import CUDA  # noqa: E402 - conftest has set TRITON_INTERPRET=1 on CPU machines before this import
 from fastssl.kernels.bank_softmax_stats import bank_softmax_stats  # noqa: E402
+from launch_spy import record_block_dc  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -131,16 +132,7 @@ def launched_block_dc(monkeypatch) -> list[int]:
     """The BLOCK_DC constexpr of every partial-kernel launch (so a test can tell the chunked path ran)."""
     import fastssl.kernels.bank_softmax_stats as module
 
-    seen: list[int] = []
-    original = module._partial_constexprs
-
-    def spy(*args, **kwargs):
-        constexprs = original(*args, **kwargs)
-        seen.append(constexprs["BLOCK_DC"])
-        return constexprs
-
-    monkeypatch.setattr(module, "_partial_constexprs", spy)
-    return seen
+    return record_block_dc(monkeypatch, module)
 
 
 CHUNKED_CUDA = CHUNKED_CPU + [(257, 4099, 512, True, 64), (130, 3000, 320, False, 64)]

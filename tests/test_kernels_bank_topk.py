@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("triton")
 from conftest import CUDA  # noqa: E402 - conftest has set TRITON_INTERPRET=1 on CPU machines before this import
 from fastssl.kernels.bank_topk import bank_topk  # noqa: E402
+from launch_spy import record_block_dc  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if CUDA else [])
@@ -162,16 +163,7 @@ def launched_block_dc(monkeypatch) -> list[int]:
     """The BLOCK_DC constexpr of every partial-kernel launch (so a test can tell the chunked path ran)."""
     import fastssl.kernels.bank_topk as module
 
-    seen: list[int] = []
-    original = module._partial_constexprs
-
-    def spy(*args, **kwargs):
-        constexprs = original(*args, **kwargs)
-        seen.append(constexprs["BLOCK_DC"])
-        return constexprs
-
-    monkeypatch.setattr(module, "_partial_constexprs", spy)
-    return seen
+    return record_block_dc(monkeypatch, module)
 
 
 CHUNKED_CUDA = CHUNKED_CPU + [(256, 20000, 512, 10, 64), (100, 9000, 320, 64, 64)]
