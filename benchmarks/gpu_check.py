@@ -2,14 +2,15 @@
 
 Run on a CUDA machine from the repository root (installs nothing, needs no network):
 
-    python benchmarks/gpu_check.py            # kernel + loss tests compiled with bf16, then the op benchmarks
+    python benchmarks/gpu_check.py            # kernel + loss tests compiled with bf16, config sweep, op benchmarks
     python benchmarks/gpu_check.py --extra    # second command: kNN at ImageNet scale and the training step
 
 Writes under benchmarks/results/<device>/: pytest_gpu.log and pytest_gpu.xml (kernel tests compiled, with bf16, and
-the core loss tests with the triton backend), the three benchmark result sets (.json/.md/.png),
-kernel_configs.json/.md (a short launch-config sweep of both kernels at the target shapes, to tune the config
-tables), and gpu_check.json (what ran, how long, exit codes). Each step has a time limit so that the whole run
-stays under 10 minutes; a step that fails or times out is recorded and the next one still runs.
+the core loss tests with the triton backend), kernel_configs.json/.md (a short launch-config sweep of both kernels at
+the target shapes, including each kernel's untested CANDIDATES_SM90, to tune the config tables; it runs right after the
+tests), the three benchmark result sets (.json/.md/.png), and gpu_check.json (what ran, how long, exit codes). Each
+step has a time limit so that the whole run stays under 10 minutes; a step that fails or times out is recorded and the
+next one still runs.
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         selected = [Path(script).stem for script, _, _ in EXTRA_BENCHMARKS]
     else:
         selected = (["tests"] if not args.skip_tests else []) + (
-            [Path(script).stem for script, _, _ in BENCHMARKS] + ["sweep"] if not args.skip_benchmarks else []
+            # the sweep first: it is short and decides the config tables; the loss benchmarks then use those tables
+            ["sweep"] + [Path(script).stem for script, _, _ in BENCHMARKS] if not args.skip_benchmarks else []
         )
     for name in selected:
         if name == "tests":
