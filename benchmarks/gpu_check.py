@@ -59,6 +59,9 @@ import torch  # noqa: E402
 GPU_TESTS = [
     "tests/test_kernels_bank_softmax_stats.py",
     "tests/test_kernels_bank_topk.py",
+    "tests/test_kernels_unit_rows.py",
+    "tests/test_kernels_bank_loss_epilogue.py",
+    "tests/test_query_precision.py",
     "tests/test_soft_bank_cross_entropy.py",
     "tests/test_bank_info_nce.py",
     "tests/test_bank_topk.py",

@@ -9,9 +9,9 @@ Providers (each checked against the reference's loss and student gradient before
   triton     backend="triton": the fused split-K kernels of fastssl.kernels
   triton_bankq  the same with query_precision="bank": queries rounded to the 16-bit bank dtype (one tensor-core dot
              per tile instead of two; its loss differs from the fp32-query reference by that rounding)
-  triton_compile  torch.compile of the triton provider: the kernels stay opaque custom ops, inductor fuses the
-             normalisation, epilogue and backward around them into a few kernels (the eager loss is host-bound: ~30
-             small launches around two kernels)
+  triton_compile  torch.compile of the triton provider: the kernels stay opaque custom ops and inductor generates
+             the normalisation, epilogue and backward around them (eagerly the triton provider runs its own prologue
+             and epilogue kernels: four launches, a mean and the backward's multiply)
 
 Usage: python benchmarks/soft_bank_cross_entropy.py [--shapes targets] [--smoke]
 """

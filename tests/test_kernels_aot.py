@@ -40,7 +40,7 @@ DTYPE_PAIRS = (
     (torch.float32, torch.float32),
 )
 FP32_MAX_D = 128  # fp32 banks are rejected above this D (see the config tables)
-KERNEL_MODULES = ("bank_softmax_stats", "bank_topk")
+KERNEL_MODULES = ("bank_softmax_stats", "bank_topk", "unit_rows", "bank_loss_epilogue")
 # Largest shared memory (static + dynamic) one block can opt into (CUDA programming guide, compute capabilities
 # table): 163 KB on sm_80 (A100), 99 KB on sm_86 / sm_89, 227 KB on sm_90 (H100).
 MAX_SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -71,7 +71,9 @@ def _specs() -> list[tuple]:
             for x_dtype, bank_dtype in DTYPE_PAIRS:
                 if bank_dtype == torch.float32 and d > FP32_MAX_D:
                     continue
-                for cc in ARCHS:  # each architecture compiles its own config table
+                # each architecture compiles its own config table; table-free kernels (prologue, epilogue) compile
+                # the same code everywhere, checked for sm_80 and sm_90
+                for cc in ARCHS if hasattr(mod, "CONFIGS") else (80, 90):
                     add(module, mod, d, x_dtype, bank_dtype, cc)
         for (block_d, column), configs in mod.CANDIDATES_SM90.items():
             for config in configs:
@@ -150,6 +152,8 @@ def test_every_jit_function_is_compiled_by_the_aot_specs():
     launched = {
         "bank_softmax_stats": {"_bank_softmax_stats_partial_kernel", "_bank_softmax_stats_merge_kernel"},
         "bank_topk": {"_bank_topk_partial_kernel", "_bank_topk_merge_kernel"},
+        "unit_rows": {"_unit_rows_kernel"},
+        "bank_loss_epilogue": {"_bank_loss_epilogue_kernel"},
     }
     helpers = {  # helper -> a launched kernel whose source calls it (directly or through another helper)
         "query_dot": "_bank_softmax_stats_partial_kernel",

@@ -8,7 +8,8 @@ Derivation (q: L2-normalized query, k⁺: its positive key, B: (K, D) bank of ne
 
 One pass computing (LSE, μ) with the positive folded in as logit 0 yields loss and gradient. Keys get no gradient
 (they come from the momentum encoder). With ``normalize=True`` the op takes raw embeddings, normalizes them itself and
-saves the gradient with respect to the raw query (:mod:`fastssl.ops.unit_rows`), so autograd adds no nodes around it.
+saves the gradient with respect to the raw query (:mod:`fastssl.ops.unit_rows`), so autograd adds no nodes around it;
+on the Triton backend that is four launches in all: prologue, statistics, merge and epilogue kernels.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class BankInfoNCEFunction(torch.autograd.Function):
         n = query.shape[0]
         acc_dtype = accumulation_dtype(query, key, bank)
         ctx.query_dtype = query.dtype
+        ctx.reduction = reduction
+        if normalize and backend == "triton" and not torch.compiler.is_compiling():
+            rows, grad = _fused_triton_rows_and_grad(query, key, bank, tau, reduction, sharded, query_dtype)
+            ctx.save_for_backward(grad)
+            return reduce_rows(rows, reduction)
         if normalize:
             query, q_denom, q_norm = unit_rows(query)
             key = unit_rows(key)[0]
@@ -67,7 +73,6 @@ class BankInfoNCEFunction(torch.autograd.Function):
         grad = (mu - k_acc).mul_(1.0 / (tau * n) if reduction == "mean" else 1.0 / tau)  # (N, D) ∂loss/∂q
         if normalize:
             grad = unit_rows_backward(grad, query.to(acc_dtype), q_denom, q_norm)
-        ctx.reduction = reduction
         ctx.save_for_backward(grad)
         return reduce_rows(rows, reduction)
 
@@ -76,6 +81,31 @@ class BankInfoNCEFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         grad_query = scale_saved_gradient(grad, grad_output, ctx.reduction, ctx.query_dtype)
         return grad_query, None, None, None, None, None, None, None, None
+
+
+def _fused_triton_rows_and_grad(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    bank: torch.Tensor,
+    tau: float,
+    reduction: str,
+    sharded: bool,
+    query_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw embeddings to (per-row loss, saved gradient) in four launches: the prologue kernel (normalize queries and
+    keys, temperatures), the two statistics kernels and the epilogue kernel (loss rows and the raw-query gradient)."""
+    from fastssl.kernels.bank_loss_epilogue import bank_loss_epilogue
+    from fastssl.kernels.unit_rows import unit_rows as normalize_rows
+
+    n = query.shape[0]
+    x_hat, norm, inv_tau = normalize_rows(query, key, 1.0 / tau, 1.0 / tau)  # (2N, D): [q̂; k̂]
+    x_in = x_hat if query_dtype is None else x_hat.to(query_dtype)
+    stats = sharded_bank_softmax_stats if sharded else bank_softmax_stats
+    lse, mu = stats(x_in[:n], inv_tau[:n], bank, x_in[n:], backend="triton")
+    grad_scale = 1.0 / (tau * n) if reduction == "mean" else 1.0 / tau
+    return bank_loss_epilogue(
+        x_hat, norm, lse, mu, 1.0 / tau, 1.0 / tau, grad_scale, soft_ce=False, round_dtype=query_dtype
+    )
 
 
 def bank_info_nce(

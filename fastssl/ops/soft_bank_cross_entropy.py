@@ -13,7 +13,8 @@ So one pass computing (LSE, μ) for the 2N stacked rows [s/τ_s; t/τ_t] yields 
 only scales the saved (N, D) gradient by grad_output. The teacher gets no gradient (stop-gradient in both papers).
 With ``normalize=False`` the chain rule through the L2-normalization is left to autograd outside this op; with
 ``normalize=True`` the op normalizes raw rows itself and folds that Jacobian into the saved gradient
-(:mod:`fastssl.ops.unit_rows`), so autograd adds no nodes around it.
+(:mod:`fastssl.ops.unit_rows`), so autograd adds no nodes around it; on the Triton backend that is four launches in
+all: prologue, statistics, merge and epilogue kernels.
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
         n = student.shape[0]
         acc_dtype = accumulation_dtype(student, teacher, bank)
         ctx.student_dtype = student.dtype
+        ctx.reduction = reduction
+        if normalize and backend == "triton" and not torch.compiler.is_compiling():
+            rows, grad = _fused_triton_rows_and_grad(
+                student, teacher, bank, tau_student, tau_teacher, kl, reduction, sharded, query_dtype
+            )
+            ctx.save_for_backward(grad)
+            return reduce_rows(rows, reduction)
         if normalize:
             student, s_denom, s_norm = unit_rows(student)
             teacher = unit_rows(teacher)[0]
@@ -92,7 +100,6 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
         grad = (mu_q - mu_p).mul_(1.0 / (tau_student * n) if reduction == "mean" else 1.0 / tau_student)
         if normalize:
             grad = unit_rows_backward(grad, student.to(acc_dtype), s_denom, s_norm)
-        ctx.reduction = reduction
         ctx.save_for_backward(grad)
         return reduce_rows(rows, reduction)
 
@@ -112,6 +119,35 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _fused_triton_rows_and_grad(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    bank: torch.Tensor,
+    tau_student: float,
+    tau_teacher: float,
+    kl: bool,
+    reduction: str,
+    sharded: bool,
+    query_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw embeddings to (per-row loss, saved gradient) in four launches: the prologue kernel (normalize and stack
+    student and teacher rows, temperatures), the two statistics kernels and the epilogue kernel (loss rows and the
+    raw-student gradient)."""
+    from fastssl.kernels.bank_loss_epilogue import bank_loss_epilogue
+    from fastssl.kernels.unit_rows import unit_rows as normalize_rows
+
+    n = student.shape[0]
+    x_hat, norm, inv_tau = normalize_rows(student, teacher, 1.0 / tau_student, 1.0 / tau_teacher)  # (2N, D): [ŝ; t̂]
+    x_in = x_hat if query_dtype is None else x_hat.to(query_dtype)
+    stats = sharded_bank_softmax_stats if sharded else bank_softmax_stats
+    lse, mu = stats(x_in, inv_tau, bank, backend="triton")
+    grad_scale = 1.0 / (tau_student * n) if reduction == "mean" else 1.0 / tau_student
+    return bank_loss_epilogue(
+        x_hat, norm, lse, mu, 1.0 / tau_student, 1.0 / tau_teacher, grad_scale,
+        soft_ce=True, kl=kl, round_dtype=query_dtype,
+    )  # fmt: skip
 
 
 def soft_bank_cross_entropy(
