@@ -8,6 +8,8 @@ before touching anything, so a bad batch leaves the bank exactly as it was.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,11 +143,13 @@ class MemoryBank(nn.Module):
         if keys.shape[0] > self.size:
             return ValueError, f"batch of {keys.shape[0]} keys is larger than the bank ({self.size} rows)"
         if keys.shape[0]:
-            # Both value checks in one device read (each read waits for the GPU to finish the queued work).
-            finite, nonzero = torch.stack([torch.isfinite(keys).all(), (keys.abs().amax(dim=1) > 0).all()]).tolist()
-            if not finite:
+            # Both value checks from one device read of two numbers (each read waits for the GPU to finish the queued
+            # work), three launches: the rows' largest |entries|; their maximum is NaN or inf if any entry is (amax and
+            # aminmax propagate NaN), their minimum is 0 if a row is all zero.
+            smallest, largest = torch.stack(torch.aminmax(keys.abs().amax(dim=1))).tolist()
+            if not math.isfinite(largest):
                 return ValueError, "keys contain NaN or inf"
-            if not nonzero:
+            if smallest == 0:
                 return ValueError, "keys contain an all-zero row, which has no direction to normalize"
         if labels is not None:
             if self.label_queue is None:
