@@ -56,7 +56,7 @@ def _bank_loss_epilogue_kernel(
     mask = row_ok[:, None] & (offs_d < D)[None, :]
     rows = offs_r.to(tl.int64)
     tile = rows[:, None] * D + offs_d[None, :]
-    second = tile + N.to(tl.int64) * D  # row N + r
+    second = (rows + N)[:, None] * D + offs_d[None, :]  # row N + r (int64; N may be specialised to the constant 1)
 
     a_hat = tl.load(x_ptr + tile, mask=mask, other=0.0)
     a_round = a_hat.to(ROUND_DTYPE).to(tl.float32)
@@ -99,19 +99,16 @@ def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, arch: int =
         "BLOCK_D": "constexpr",
     }  # fmt: skip
     specs = []
-    for soft_ce, kl in ((False, False), (True, False), (True, True)):
+    for soft_ce, kl, n_one in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
+        # n_one: a batch of one row, which Triton's JIT specialises to the constant N = 1
+        constexprs = {"SOFT_CE": soft_ce, "KL": kl, "ROUND_DTYPE": round_dtype, "BLOCK_R": _block_r(block_d)}
+        constexprs.update({"BLOCK_D": block_d, **({"N": 1} if n_one else {})})
         specs.append(
             {
-                "name": f"epilogue[D={d},soft_ce={soft_ce},kl={kl},round={str(x_dtype)[6:]}]",
+                "name": f"epilogue[D={d},soft_ce={soft_ce},kl={kl},round={str(x_dtype)[6:]}{',N=1' if n_one else ''}]",
                 "fn": _bank_loss_epilogue_kernel,
-                "signature": signature,
-                "constexprs": {
-                    "SOFT_CE": soft_ce,
-                    "KL": kl,
-                    "ROUND_DTYPE": round_dtype,
-                    "BLOCK_R": _block_r(block_d),
-                    "BLOCK_D": block_d,
-                },
+                "signature": {**signature, **({"N": "constexpr"} if n_one else {})},
+                "constexprs": constexprs,
                 "attrs": {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7)},
                 "num_warps": 4,
                 "num_stages": 1,
@@ -138,7 +135,7 @@ def bank_loss_epilogue(
     Args:
         x_hat: (2N, D) fp32 normalized rows [â; b̂] (:func:`unit_rows.unit_rows`), contiguous.
         norm: (≥ N,) fp32 norms of the raw rows a (the first N are used).
-        lse, mu: statistics of the stats kernel: (N,), (N, D) for InfoNCE (queries â, positives ρ(b̂)); (2N,),
+        lse, mu: statistics of the stats kernel: (N,), (N, D) for InfoNCE (queries ρ(â), positives ρ(b̂)); (2N,),
             (2N, D) for soft CE (rows [ρ(â); ρ(b̂)]); fp32, contiguous.
         beta_a, beta_b: 1/τ of the a rows and of the b rows (b only for the KL term).
         grad_scale: c in g = (μ_r − v_r)·c.

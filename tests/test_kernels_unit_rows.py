@@ -1,7 +1,7 @@
 """fastssl.kernels.unit_rows (the bank losses' prologue) against F.normalize in fp64.
 
-On CPU the kernel runs in Triton's interpreter; on a CUDA machine the same cases run compiled, plus bf16 rows (no dot
-here, so bf16 is exact in the interpreter too).
+On CPU the kernel runs in Triton's interpreter, on a CUDA machine compiled; bf16 rows run on both (the kernel has no
+tl.dot, whose bf16 form the interpreter gets wrong).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from backends import STATS_BACKENDS
+from backends import STATS_BACKENDS, device_for
 from ports import free_port
 
 from fastssl import MemoryBank
@@ -90,7 +90,7 @@ def worker(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
 
 
 def test_sharded_losses_equal_the_whole_bank(tmp_path):
-    backends = [b for b in STATS_BACKENDS if b != "triton"]  # the kernels have no fp64; test_sharded_bank_triton
+    backends = [b for b in STATS_BACKENDS if b != "triton"]  # no fp64 kernels: test_sharded_triton_fused_path
     mp.start_processes(worker, args=(free_port(), str(tmp_path), backends), nprocs=WORLD, start_method="spawn")
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     per_rank = [r["records"] for r in results]
@@ -120,3 +120,69 @@ def test_sharded_needs_a_merging_backend():
     s, t, bank = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
     with pytest.raises(ValueError, match="streaming"):
         soft_bank_cross_entropy_op(s, t, bank, 0.1, 0.04, backend="reference", sharded=True)
+
+
+def triton_worker(rank: int, port: int, out_dir: str) -> None:
+    """Each rank: fp32 embeddings against its shard of an fp32 bank (every softmax loss) and of an fp16 bank (ISD with
+    both query precisions), through the Triton backend's fused path (prologue, statistics merged across ranks,
+    epilogue)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        device = device_for("triton")
+        torch.manual_seed(rank)
+        banks = {
+            dtype: MemoryBank(9, DIM, dtype=dtype, sharded=True, device=device)
+            for dtype in (torch.float32, torch.float16)
+        }
+        student, teacher = (t.float().to(device) for t in rank_batch(rank, 0))
+        cases = [(name, torch.float32, "float32") for name in LOSSES]
+        cases += [("isd", torch.float16, "float32"), ("isd", torch.float16, "bank")]
+        records = []
+        for name, dtype, precision in cases:
+            s = student.clone().requires_grad_()
+            if name == "isd":
+                loss = isd_loss(s, teacher, banks[dtype], backend="triton", query_precision=precision)
+            else:
+                loss = LOSSES[name](s, teacher, banks[dtype], "triton")
+            loss.backward()
+            records.append((name, dtype, precision, loss.detach().cpu(), s.grad.cpu()))
+        shards = {dtype: bank.keys.cpu() for dtype, bank in banks.items()}
+        torch.save({"records": records, "shards": shards}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif("triton" not in STATS_BACKENDS, reason="needs Triton (a GPU, or the interpreter)")
+def test_sharded_triton_fused_path(tmp_path):
+    """The fused Triton path over a sharded bank equals the fp64 reference over the union of the shards (the reference
+    sees the same stored bank values and, for query_precision="bank", the same fp16-rounded queries)."""
+    from fastssl.ops.soft_bank_cross_entropy import soft_bank_cross_entropy_reference
+    from fastssl.ops.unit_rows import normalized_with_autograd
+
+    mp.start_processes(triton_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for rank, result in enumerate(results):
+        student, teacher = (t.float().double() for t in rank_batch(rank, 0))
+        for name, dtype, precision, loss, grad in result["records"]:
+            whole = torch.cat([r["shards"][dtype] for r in results]).double()
+            s = student.clone().requires_grad_()
+            if precision == "bank":  # fp64 inputs are never rounded: round as the fp32 path does, in fp64
+                expected = soft_bank_cross_entropy_reference(
+                    normalized_with_autograd(s), normalized_with_autograd(teacher), whole, 0.1, 0.01, kl=True,
+                    query_dtype=torch.float16,
+                )  # fmt: skip
+            else:
+                expected = LOSSES[name](s, teacher, whole, "reference")
+            (expected_grad,) = torch.autograd.grad(expected, s)
+            case = f"{name} {dtype} {precision} rank={rank}"
+            if dtype == torch.float32:  # 3xTF32 logits and fp32 weights: fp32 rounding only
+                loss_atol, grad_atol = 1e-5, 1e-5
+            else:
+                # μ carries the fp16 rounding of the softmax weights in the P·B dot (≤ 3e-4, MU_ATOL of
+                # test_kernels_bank_softmax_stats): through s·μ_p/τ_s and t·μ_p/τ_t into the KL, and through
+                # (μ_q − μ_p)/(τ_s·N) and the normalization's Jacobian (norm 1/‖s‖) into the gradient.
+                loss_atol = 3e-4 * (1 / 0.1 + 1 / 0.01)
+                grad_atol = 2 * 3e-4 / (0.1 * student.shape[0] * float(student.norm(dim=1).min()))
+            torch.testing.assert_close(loss.double(), expected.detach(), rtol=0, atol=loss_atol, msg=case)
+            torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=grad_atol, msg=case)

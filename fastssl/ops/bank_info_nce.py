@@ -9,7 +9,8 @@ Derivation (q: L2-normalized query, k⁺: its positive key, B: (K, D) bank of ne
 One pass computing (LSE, μ) with the positive folded in as logit 0 yields loss and gradient. Keys get no gradient
 (they come from the momentum encoder). With ``normalize=True`` the op takes raw embeddings, normalizes them itself and
 saves the gradient with respect to the raw query (:mod:`fastssl.ops.unit_rows`), so autograd adds no nodes around it;
-on the Triton backend that is four launches in all: prologue, statistics, merge and epilogue kernels.
+on the Triton backend the work is four kernels (prologue, statistics, merge, epilogue), plus a cast of the queries
+for ``query_dtype`` and the reduction.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class BankInfoNCEFunction(torch.autograd.Function):
         lse, mu = stats(q_x, inv_tau, bank, key_x, backend=backend)
         k_acc = key_x.to(acc_dtype)
         rows = torch.sub(lse, (q_x.to(acc_dtype) * k_acc).sum(dim=1), alpha=1.0 / tau)
-        grad = (mu - k_acc).mul_(1.0 / (tau * n) if reduction == "mean" else 1.0 / tau)  # (N, D) ∂loss/∂q
+        grad = (mu - k_acc).mul_(1.0 / (tau * max(n, 1)) if reduction == "mean" else 1.0 / tau)  # (N, D) ∂loss/∂q
         if normalize:
             grad = unit_rows_backward(grad, query.to(acc_dtype), q_denom, q_norm)
         ctx.save_for_backward(grad)
@@ -102,7 +103,7 @@ def _fused_triton_rows_and_grad(
     x_in = x_hat if query_dtype is None else x_hat.to(query_dtype)
     stats = sharded_bank_softmax_stats if sharded else bank_softmax_stats
     lse, mu = stats(x_in[:n], inv_tau[:n], bank, x_in[n:], backend="triton")
-    grad_scale = 1.0 / (tau * n) if reduction == "mean" else 1.0 / tau
+    grad_scale = 1.0 / (tau * max(n, 1)) if reduction == "mean" else 1.0 / tau
     return bank_loss_epilogue(
         x_hat, norm, lse, mu, 1.0 / tau, 1.0 / tau, grad_scale, soft_ce=False, round_dtype=query_dtype
     )

@@ -13,8 +13,8 @@ So one pass computing (LSE, μ) for the 2N stacked rows [s/τ_s; t/τ_t] yields 
 only scales the saved (N, D) gradient by grad_output. The teacher gets no gradient (stop-gradient in both papers).
 With ``normalize=False`` the chain rule through the L2-normalization is left to autograd outside this op; with
 ``normalize=True`` the op normalizes raw rows itself and folds that Jacobian into the saved gradient
-(:mod:`fastssl.ops.unit_rows`), so autograd adds no nodes around it; on the Triton backend that is four launches in
-all: prologue, statistics, merge and epilogue kernels.
+(:mod:`fastssl.ops.unit_rows`), so autograd adds no nodes around it; on the Triton backend the work is four kernels
+(prologue, statistics, merge, epilogue), plus a cast of the rows for ``query_dtype`` and the reduction.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class SoftBankCrossEntropyFunction(torch.autograd.Function):
         if kl:
             rows = rows.sub_(lse_p).add_((t * mu_p).sum(dim=1), alpha=1.0 / tau_teacher)
         # (N, D) ∂loss/∂s: (μ_q − μ_p)/τ_s per row
-        grad = (mu_q - mu_p).mul_(1.0 / (tau_student * n) if reduction == "mean" else 1.0 / tau_student)
+        grad = (mu_q - mu_p).mul_(1.0 / (tau_student * max(n, 1)) if reduction == "mean" else 1.0 / tau_student)
         if normalize:
             grad = unit_rows_backward(grad, student.to(acc_dtype), s_denom, s_norm)
         ctx.save_for_backward(grad)
@@ -143,7 +143,7 @@ def _fused_triton_rows_and_grad(
     x_in = x_hat if query_dtype is None else x_hat.to(query_dtype)
     stats = sharded_bank_softmax_stats if sharded else bank_softmax_stats
     lse, mu = stats(x_in, inv_tau, bank, backend="triton")
-    grad_scale = 1.0 / (tau_student * n) if reduction == "mean" else 1.0 / tau_student
+    grad_scale = 1.0 / (tau_student * max(n, 1)) if reduction == "mean" else 1.0 / tau_student
     return bank_loss_epilogue(
         x_hat, norm, lse, mu, 1.0 / tau_student, 1.0 / tau_teacher, grad_scale,
         soft_ce=True, kl=kl, round_dtype=query_dtype,
