@@ -113,12 +113,13 @@ TOPK_SWEEP = {
 
 
 def sweep_configs(module, fixed: dict[int, list[tuple]], d: int) -> list[tuple]:
-    """The sweep's fixed configs for D = ``d``, then the module's sm_80 table entries and CANDIDATES_SM90 at that D
-    (as 5-tuples with the D-chunk), without repeats."""
+    """The sweep's fixed configs for D = ``d``, then the module's sm_80 and sm_90 table entries and CANDIDATES_SM90 at
+    that D (as 5-tuples with the D-chunk), without repeats."""
     from dataclasses import astuple
 
     configs = [tuple(c) + (0,) * (5 - len(c)) for c in fixed[d]]
     extra = [cfg for (block_d, _), cfg in module.CONFIGS.items() if block_d == d]
+    extra += [cfg for (block_d, _), cfg in module.CONFIGS_SM90.items() if block_d == d]
     extra += [cfg for (block_d, _), cfgs in module.CANDIDATES_SM90.items() if block_d == d for cfg in cfgs]
     for cfg in extra:
         if astuple(cfg) not in configs:
@@ -135,6 +136,47 @@ def mark_fastest(rows: list[dict], group: tuple[str, ...]) -> None:
             best[key] = row
     for row in rows:
         row["fastest"] = "yes" if any(row is b for b in best.values()) else ""
+
+
+# Sweep row label of the query dtype -> (query dtype, config-table column); the bank is fp16.
+SWEEP_QUERIES = {"fp32 x": (torch.float32, "32x16"), "fp16 x": (torch.float16, "16")}
+
+
+def table_suggestions(rows: list[dict], modules: dict, margin: float = 0.05) -> list[str]:
+    """Config-table changes the sweep supports: per (kernel, D, query dtype) group (top-k at k = 10), the fastest
+    config when it beats the one the launcher picks on sm_90 by more than ``margin`` (or that one is not in the sweep
+    or failed). ``modules`` maps kernel names to their modules (``pick_config``, config class)."""
+    from dataclasses import astuple
+
+    from fastssl.kernels.dot_precision import dot_plan
+
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row.get("k", 10) == 10:
+            groups.setdefault((row["kernel"], row["D"], row["x"]), []).append(row)
+    lines = []
+    for (kernel, d, x), group in groups.items():
+        timed = [r for r in group if isinstance(r["ms"], float)]
+        if not timed:
+            continue
+        module = modules[kernel]
+        x_dtype, column = SWEEP_QUERIES[x]
+        current = astuple(module.pick_config(d, dot_plan(x_dtype, torch.float16), 90))
+
+        def config(row: dict) -> tuple:
+            return (row.get("block_r", row.get("block_n")), row["block_k"], row["num_warps"], row["num_stages"],
+                    row.get("block_dc", 0))  # fmt: skip
+
+        best = min(timed, key=lambda r: r["ms"])
+        now = next((r["ms"] for r in timed if config(r) == current), None)
+        if config(best) != current and (now is None or best["ms"] < (1 - margin) * now):
+            cls = type(module.pick_config(d, dot_plan(x_dtype, torch.float16), 90)).__name__
+            was = f"{now:.3f} ms" if now is not None else "not timed"
+            lines.append(
+                f'{kernel}: CONFIGS_SM90[({d}, "{column}")] = {cls}{config(best)}  # {best["ms"]:.3f} ms; '
+                f"now {cls}{current}: {was}"
+            )
+    return lines
 
 
 def config_sweep(out_dir: Path) -> None:
@@ -172,7 +214,17 @@ def config_sweep(out_dir: Path) -> None:
                 )
                 print(rows[-1], flush=True)
     mark_fastest(rows, ("kernel", "D", "x", "k"))
-    harness.write_results("kernel_configs", rows, title="Kernel launch-config sweep (fp16 bank)", out_dir=out_dir)
+    suggestions = table_suggestions(rows, {"bank_softmax_stats": stats_module, "bank_topk": topk_module})
+    notes = (
+        "Suggested sm_90 table changes (fastest config ≥ 5% quicker than the one the launcher picks on sm_90; top-k "
+        "judged at k = 10, check its k = 64 row too; compile-check with tests/test_kernels_aot.py before moving an "
+        "entry into CONFIGS_SM90):\n\n"
+        + ("\n".join(f"- `{line}`" for line in suggestions) if suggestions else "- none")
+    )
+    print(notes, flush=True)
+    harness.write_results(
+        "kernel_configs", rows, title="Kernel launch-config sweep (fp16 bank)", out_dir=out_dir, notes=notes
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

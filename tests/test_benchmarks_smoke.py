@@ -119,3 +119,37 @@ def test_gpu_check_sweep_times_tables_and_candidates_once() -> None:
     ]
     gpu_check.mark_fastest(rows, ("kernel", "D"))
     assert [r["fastest"] for r in rows] == ["", "yes", "", "yes"]
+
+
+def test_gpu_check_suggests_table_changes_from_sweep_rows() -> None:
+    """From synthetic sweep rows: a config faster than the sm_90 pick by more than the margin is suggested; a marginal
+    win, a k = 64 row and a group whose pick is already fastest are not."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fastssl.kernels.bank_softmax_stats as stats
+    import fastssl.kernels.bank_topk as topk
+    import gpu_check
+
+    def stats_row(d, x, cfg, ms):
+        keys = ("block_r", "block_k", "num_warps", "num_stages", "block_dc")
+        return {"kernel": "bank_softmax_stats", "D": d, "x": x, **dict(zip(keys, cfg, strict=True)), "ms": ms}
+
+    def topk_row(cfg, ms, k=10):
+        keys = ("block_n", "block_k", "num_warps", "num_stages", "block_dc")
+        return {"kernel": "bank_topk", "D": 512, "x": "fp32 x", "k": k, **dict(zip(keys, cfg, strict=True)), "ms": ms}
+
+    rows = [
+        stats_row(512, "fp32 x", (16, 64, 4, 2, 0), 12.2),  # the sm_90 pick for fp32 queries at D = 512
+        stats_row(512, "fp32 x", (64, 64, 8, 2, 32), 4.0),  # a candidate, much faster: suggested
+        stats_row(512, "fp16 x", (64, 64, 8, 2, 0), 3.7),  # the pick for fp16 queries
+        stats_row(512, "fp16 x", (64, 64, 8, 2, 64), 3.6),  # under 5% faster: not suggested
+        stats_row(128, "fp32 x", (128, 128, 8, 3, 0), 0.76),  # the pick is the fastest
+        stats_row(128, "fp32 x", (64, 64, 4, 3, 0), "OutOfResources"),
+        topk_row((32, 64, 4, 2, 0), 3.0),
+        topk_row((64, 64, 4, 3, 64), 3.5),  # slower at k = 10
+        topk_row((64, 64, 4, 3, 64), 1.0, k=64),  # faster only at k = 64: not judged
+    ]
+    lines = gpu_check.table_suggestions(rows, {"bank_softmax_stats": stats, "bank_topk": topk})
+    assert lines == [
+        'bank_softmax_stats: CONFIGS_SM90[(512, "32x16")] = StatsConfig(64, 64, 8, 2, 32)  # 4.000 ms; '
+        "now StatsConfig(16, 64, 4, 2, 0): 12.200 ms"
+    ]
