@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from backends import STATS_BACKENDS, device_for
+from backends import STATS_BACKENDS, TOPK_BACKENDS, device_for
 
-from fastssl.functional import isd_loss, moco_loss, ressl_loss
-from fastssl.losses import ISDLoss
+import fastssl.losses.msf as msf_module
+from fastssl.functional import bank_topk, isd_loss, moco_loss, msf_loss, ressl_loss
+from fastssl.losses import ISDLoss, MSFLoss
 from fastssl.train.config import ConfigError, load_config
 
 
@@ -122,3 +123,51 @@ def test_bad_query_precision_is_named():
     bank_before = module.bank.keys.clone()  # the module enqueues t after its loss
     expected = isd_loss(s, t, bank_before, backend="streaming", query_precision="bank")
     torch.testing.assert_close(module(s, t), expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", *TOPK_BACKENDS])
+@pytest.mark.parametrize("bank_dtype", [torch.float16, torch.float32], ids=str)
+def test_bank_precision_search_matches_a_rounded_oracle(backend, bank_dtype):
+    """bank_topk(query_precision="bank") ranks by the similarities of the normalized queries rounded to a 16-bit
+    bank's dtype (fp32 banks: unrounded), on every backend."""
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(5, 64, generator=g)
+    bank = F.normalize(torch.randn(60, 64, generator=g), dim=1).to(bank_dtype)
+    values, index = bank_topk(q.to(device), bank.to(device), 7, backend=backend, query_precision="bank")
+    rounding = torch.float16 if bank_dtype == torch.float16 else torch.float64
+    sims = F.normalize(q.double(), dim=1).to(rounding).double() @ bank.double().T
+    order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :7]
+    torch.testing.assert_close(values.double().cpu(), sims.gather(1, order), rtol=0, atol=2e-6)
+    assert torch.equal(index.cpu(), order)
+
+
+def test_msf_search_precision_reaches_the_search(monkeypatch):
+    """MSF's loss module and functional pass query_precision to their one neighbour search; the loss itself uses the
+    unrounded query."""
+    g = torch.Generator().manual_seed(7)
+    q, t = torch.randn(4, 32, generator=g), torch.randn(4, 32, generator=g)
+    bank = F.normalize(torch.randn(40, 32, generator=g), dim=1).half()
+    _, index = bank_topk(t, bank, 3, backend="streaming", query_precision="bank")
+    expected = msf_loss(q, t, bank, 3, index=index)
+    torch.testing.assert_close(msf_loss(q, t, bank, 3, backend="streaming", query_precision="bank"), expected)
+    module = MSFLoss(32, 40, k=3, backend="streaming", query_precision="bank")
+    module.bank.enqueue(torch.randn(40, 32, generator=g))
+    searched = []
+    search = msf_module.bank_topk
+
+    def spy(*args, **kwargs):
+        searched.append(kwargs.get("query_precision"))
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(msf_module, "bank_topk", spy)
+    module(q, t)
+    assert searched == ["bank"]
+    with pytest.raises(ValueError, match="query_precision"):
+        MSFLoss(32, 40, query_precision="half")
+
+
+def test_query_precision_config_only_for_methods_that_use_it():
+    assert load_config("tiny_msf", ["method.query_precision=bank"]).method.query_precision == "bank"
+    with pytest.raises(ConfigError, match="method.query_precision: only .*byol would ignore it"):
+        load_config("tiny_byol", ["method.query_precision=bank"])

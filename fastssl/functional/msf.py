@@ -18,6 +18,7 @@ def msf_loss(
     *,
     backend: str = "auto",
     index: torch.Tensor | None = None,
+    query_precision: str = "float32",
 ) -> torch.Tensor:
     """Mean-shift loss: pull the query toward the k bank neighbours of the TARGET.
 
@@ -35,6 +36,8 @@ def msf_loss(
         backend: top-k backend, see :func:`fastssl.functional.bank_topk`.
         index: (N, k) neighbour indices already found by ``bank_topk(target, bank, k)``; skips the search (the loss
             module shares one search between the loss and :func:`~fastssl.functional.mean_shift_purity`).
+        query_precision: precision of the neighbour search, see :func:`~fastssl.functional.bank_topk` (the loss itself
+            is always computed from the unrounded query and the stored neighbour rows).
 
     Returns:
         fp32 scalar (fp64 for fp64 inputs).
@@ -42,7 +45,7 @@ def msf_loss(
     check_embeddings("query", query)
     check_embeddings("target", target, like=query, like_name="query")
     if index is None:
-        _, index = bank_topk(target, bank, k, backend=backend)  # validates bank and k
+        _, index = bank_topk(target, bank, k, backend=backend, query_precision=query_precision)  # validates bank, k
     elif index.shape != (target.shape[0], k) or index.dtype != torch.int64:
         raise ValueError(f"index must be int64 of shape {(target.shape[0], k)}, got {index.dtype} {tuple(index.shape)}")
     rows = (bank.keys if isinstance(bank, MemoryBank) else bank).detach()

@@ -17,6 +17,7 @@ def mean_shift_purity(
     bank_labels: torch.Tensor | None = None,
     backend: str = "auto",
     index: torch.Tensor | None = None,
+    query_precision: str = "float32",
 ) -> torch.Tensor:
     """Purity of the mean-shift neighbourhoods, a free training-time monitor of how semantic the bank has become.
 
@@ -31,6 +32,7 @@ def mean_shift_purity(
         bank_labels: (K,) labels of the bank rows; taken from the MemoryBank when omitted.
         backend: top-k backend.
         index: (N, k) neighbour indices already found by ``bank_topk(target, bank, k)``; skips the search.
+        query_precision: precision of the search, see :func:`~fastssl.functional.bank_topk`.
 
     Returns:
         fp32 scalar in [0, 1].
@@ -47,7 +49,7 @@ def mean_shift_purity(
             f"bank_labels must have shape ({rows.shape[0]},) like the bank's rows, got {tuple(bank_labels.shape)}"
         )
     if index is None:
-        _, index = bank_topk(target, bank, k, backend=backend)
+        _, index = bank_topk(target, bank, k, backend=backend, query_precision=query_precision)
     elif index.shape != (target.shape[0], k):
         raise ValueError(f"index must have shape ({target.shape[0]}, {k}), got {tuple(index.shape)}")
     neighbour_labels = bank_labels[index]  # (N, k)

@@ -7,6 +7,7 @@ from torch import nn
 
 from fastssl.bank import MemoryBank
 from fastssl.functional.bank_topk import bank_topk
+from fastssl.functional.inputs import check_query_precision
 from fastssl.functional.msf import msf_loss
 from fastssl.functional.purity import mean_shift_purity
 from fastssl.losses.bank_owner import own_or_given_bank
@@ -23,6 +24,8 @@ class MSFLoss(nn.Module):
         bank_dtype: storage dtype of a new bank.
         store_labels: keep labels in a new bank so ``forward(..., labels=)`` records purity.
         backend: top-k backend.
+        query_precision: ``"float32"`` (fp32-accurate search) or ``"bank"`` (targets rounded to the bank's 16-bit
+            dtype for the search: one tensor-core dot per tile), see :func:`~fastssl.functional.bank_topk`.
 
     Shape:
         query, target: (N, D); labels: optional (N,) → scalar. With labels, ``last_purity`` holds the batch's MSF
@@ -39,17 +42,20 @@ class MSFLoss(nn.Module):
         bank_dtype: torch.dtype = torch.float16,
         store_labels: bool = False,
         backend: str = "auto",
+        query_precision: str = "float32",
     ) -> None:
         super().__init__()
         self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=store_labels)
-        self.k, self.backend = k, backend
+        self.k, self.backend, self.query_precision = k, backend, check_query_precision(query_precision)
         self.last_purity: torch.Tensor | None = None
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         stored_labels = labels if self.bank.label_queue is not None else None
         self.bank.enqueue(target.detach(), stored_labels)
         # One search serves the loss and the purity monitor, as in the official code.
-        _, index = bank_topk(target.detach(), self.bank, self.k, backend=self.backend)
+        _, index = bank_topk(
+            target.detach(), self.bank, self.k, backend=self.backend, query_precision=self.query_precision
+        )
         loss = msf_loss(query, target, self.bank, self.k, index=index)
         if labels is not None and self.bank.label_queue is not None:
             self.last_purity = mean_shift_purity(target.detach(), labels, self.bank, self.k, index=index)

@@ -68,7 +68,8 @@ class MethodConfig:
     sdssl_ratio: float = 1.0  # final α of the SDSSL cosine schedule
     sdssl_base: str = "mocov3"  # mocov3 | byol
     loss_backend: str = "auto"
-    query_precision: str = "float32"  # float32 | bank: queries rounded to the 16-bit bank dtype (ISD, ReSSL, MoCo v2)
+    query_precision: str = "float32"  # float32 | bank: queries rounded to the 16-bit bank dtype (ISD, ReSSL, MoCo v2,
+    # MSF's neighbour search)
 
 
 @dataclass
@@ -286,6 +287,7 @@ def _check_views(views: str | list[str]) -> None:
 
 # Methods whose loss is a softmax over the bank, so per-rank (LSE, μ) partials merge exactly (sharded-bank mode).
 SHARDABLE_METHODS = ("isd", "ressl", "mocov2")
+QUERY_PRECISION_METHODS = ("isd", "ressl", "mocov2", "msf")  # the methods whose bank ops take query_precision
 
 
 def validate(config: TrainConfig) -> None:
@@ -317,6 +319,11 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"method.shard_bank: only {', '.join(SHARDABLE_METHODS)} merge bank shards (softmax losses); "
             f"{config.method.name} searches the whole bank for neighbours"
+        )
+    if config.method.query_precision != "float32" and config.method.name not in QUERY_PRECISION_METHODS:
+        raise ConfigError(
+            f"method.query_precision: only {', '.join(QUERY_PRECISION_METHODS)} run bank ops whose query precision "
+            f"can be lowered; {config.method.name} would ignore it"
         )
     if config.method.k > config.method.bank_size:
         raise ConfigError(f"method.k: {config.method.k} neighbours exceed method.bank_size={config.method.bank_size}")

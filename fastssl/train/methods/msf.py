@@ -12,7 +12,13 @@ class MSF(Method):
         super().__init__(config)
         m = config.method
         self.criterion = MSFLoss(
-            self.embed_dim, m.bank_size, k=m.k, bank_dtype=bank_dtype(m), store_labels=True, backend=m.loss_backend
+            self.embed_dim,
+            m.bank_size,
+            k=m.k,
+            bank_dtype=bank_dtype(m),
+            store_labels=True,
+            backend=m.loss_backend,
+            query_precision=m.query_precision,
         )
 
     def loss(self, views, labels, step):
