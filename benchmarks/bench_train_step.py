@@ -10,6 +10,9 @@ and reports images/s = batch / step_ms, loss_share = loss_ms / step_ms (the loss
 time, which a real step can hide behind queued GPU work) and marginal_share = (step_ms - step_no_bank_ms) / step_ms
 (what the bank loss really adds to a step; differences under ~0.5% are within run-to-run noise).
 
+A recipe may carry overrides after a colon, e.g. ``msf_r50_ws_1m:method.query_precision=bank`` (several separated by
+``+``); the default GPU list times the D = 512 recipes (ISD-plus, MSF 1M) both ways.
+
 Usage: python benchmarks/bench_train_step.py [--smoke] [--configs msf_r50_ws_1m,isd_r50_plus_imagenet]
 """
 
@@ -31,8 +34,15 @@ from fastssl.train.methods import build_method  # noqa: E402
 from fastssl.train.optim import build_optimizer  # noqa: E402
 
 STEM = "bench_train_step"
-GPU_CONFIGS = ["msf_r50_ws_1m", "isd_r50_plus_imagenet", "ressl_r50_imagenet", "mocov2_r50_imagenet"]
-SMOKE_CONFIGS = ["tiny_msf", "tiny_isd", "tiny_ressl", "tiny_mocov2"]
+GPU_CONFIGS = [
+    "msf_r50_ws_1m",
+    "msf_r50_ws_1m:method.query_precision=bank",
+    "isd_r50_plus_imagenet",
+    "isd_r50_plus_imagenet:method.query_precision=bank",
+    "ressl_r50_imagenet",
+    "mocov2_r50_imagenet",
+]
+SMOKE_CONFIGS = ["tiny_msf", "tiny_msf:method.query_precision=bank", "tiny_isd", "tiny_ressl", "tiny_mocov2"]
 BANK_METHODS = ("msf", "isd", "ressl", "mocov2")  # an EMA teacher and a bank loss called as criterion(s, t[, labels])
 
 
@@ -68,11 +78,17 @@ def profile_table(fn, device: str, steps: int = 5) -> str:
     return f"{steps} calls; sorted by device time:\n{by_device}\n\nsorted by host time:\n{by_host}\n"
 
 
+def recipe(entry: str, data_dir: str):
+    """The config of ``entry``: a recipe name, optionally followed by ``:key=value+key=value`` overrides."""
+    name, _, overrides = entry.partition(":")
+    return load_config(name, [f"data.path={data_dir}", *(o for o in overrides.split("+") if o)])
+
+
 def measure(
     name: str, device: str, *, batch: int | None, amp: bool, warmup: float, rep: float, profile_dir: Path | None = None
 ) -> dict:
     with tempfile.TemporaryDirectory() as data_dir:
-        config = load_config(name, [f"data.path={data_dir}"])
+        config = recipe(name, data_dir)
     n = batch or config.data.batch_size
     size = 16 if config.data.dataset == "digits" else 224
     torch.manual_seed(0)
@@ -123,7 +139,8 @@ def measure(
     loss_ms = harness.time_ms(loss_only, warmup=warmup, rep=rep, device=device)
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
-        (profile_dir / f"{STEM}_profile_{name}.txt").write_text(profile_table(loss_only, device), encoding="utf-8")
+        slug = name.replace(":", "__").replace("=", "-").replace("+", "__")
+        (profile_dir / f"{STEM}_profile_{slug}.txt").write_text(profile_table(loss_only, device), encoding="utf-8")
     return {
         "config": name,
         "method": config.method.name,
@@ -131,6 +148,7 @@ def measure(
         "batch": n,
         "bank": config.method.bank_size,
         "dim": method.embed_dim,
+        "query_precision": config.method.query_precision,
         "step_ms": step_ms,
         "images_per_s": n / step_ms * 1e3,
         "loss_ms": loss_ms,
@@ -150,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.configs.split(",") if args.configs else (SMOKE_CONFIGS if args.smoke else GPU_CONFIGS)
     for name in names:
         with tempfile.TemporaryDirectory() as data_dir:
-            method_name = load_config(name, [f"data.path={data_dir}"]).method.name
+            method_name = recipe(name, data_dir).method.name
         if method_name not in BANK_METHODS:
             parser.error(f"{name}: times the bank methods ({', '.join(BANK_METHODS)}) only, not {method_name}")
     out_dir = args.out_dir or (harness.RESULTS_ROOT / "local" / "smoke" if args.smoke else None)

@@ -17,7 +17,7 @@ def test_smoke_run_writes_consistent_rows(tmp_path):
         str(ROOT / "benchmarks" / "bench_train_step.py"),
         "--smoke",
         "--configs",
-        "tiny_msf,tiny_isd",
+        "tiny_msf:method.query_precision=bank,tiny_isd",
         "--warmup",
         "1",
         "--rep",
@@ -29,7 +29,8 @@ def test_smoke_run_writes_consistent_rows(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "bench_train_step.json").read_text())["rows"]
-    assert [r["config"] for r in rows] == ["tiny_msf", "tiny_isd"]
+    assert [r["config"] for r in rows] == ["tiny_msf:method.query_precision=bank", "tiny_isd"]
+    assert [r["query_precision"] for r in rows] == ["bank", "float32"]  # the override reached the recipe
     for row in rows:
         assert row["step_ms"] > 0 and row["loss_ms"] > 0
         assert math.isclose(row["images_per_s"], row["batch"] / row["step_ms"] * 1e3, rel_tol=1e-9)
@@ -40,4 +41,4 @@ def test_smoke_run_writes_consistent_rows(tmp_path):
         assert row["bank"] == 256 and row["dim"] == 32
     # The profile of the loss step names the fused loss op (ISD) and the top-k search (MSF).
     assert "SoftBankCrossEntropyFunction" in (tmp_path / "bench_train_step_profile_tiny_isd.txt").read_text()
-    assert "topk" in (tmp_path / "bench_train_step_profile_tiny_msf.txt").read_text()
+    assert "topk" in (tmp_path / "bench_train_step_profile_tiny_msf__method.query_precision-bank.txt").read_text()
