@@ -105,14 +105,14 @@ class StatsConfig:
 # over a 16-bit bank, "32" fp32. A table instead of runtime autotuning keeps the reduction order, hence the bits of the
 # result, identical across processes. The D = 128 and 512 entries are compiled for sm_80, sm_86, sm_89 and sm_90 and
 # checked for register spills and shared memory by tests/test_kernels_aot.py; D = 32, 64, 256 were checked once for
-# sm_80/sm_90 (D = 16 was not). fp32
-# banks are limited to D <= 128: the fp32 operand tiles of wider rows spill at every tile size tried (3xTF32 and IEEE
-# alike). This table holds for sm_80 and up; CONFIGS_SM90 overrides it on Hopper with the fastest configs of
-# benchmarks/gpu_check.py's sweep on an H100 (R = 512, K = 2^20: benchmarks/results/nvidia-h100-80gb-hbm3/
-# kernel_configs.md), which spill on sm_80. D = 128 (64, 64, 4, 3) was second-fastest there (0.81 ms vs 0.76 ms with
-# fp32 queries); D = 256 and the smaller dims are not measured. At D = 512 the whole-row tiles need 100–147 KB of
-# shared memory, over the 99 KB of sm_86/sm_89 (A10, L4, RTX 30/40), so this table streams the logits in D-chunks of
-# 64 there (76–78 KB, no spills on sm_80/86/89; not measured on any GPU), while the H100 keeps its measured entries.
+# sm_80/sm_90 (D = 16 was not). fp32 banks are limited to D <= 128: the fp32 operand tiles of wider rows spill at every
+# tile size tried (3xTF32 and IEEE alike). This table holds for sm_80 and up; CONFIGS_SM90 overrides it on Hopper with
+# the fastest configs of benchmarks/gpu_check.py's sweep on an H100 (R = 512, K = 2^20:
+# benchmarks/results/nvidia-h100-80gb-hbm3/kernel_configs.md), which spill on sm_80. D = 128 (64, 64, 4, 3) was
+# second-fastest there (0.81 ms vs 0.76 ms with fp32 queries); D = 256 and the smaller dims are not measured. At
+# D = 512 the whole-row fp16-query and fp32-over-bf16 tiles need 100 and 114 KB of shared memory, over the 99 KB of
+# sm_86/sm_89 (A10, L4, RTX 30/40), so this table streams the logits in D-chunks of 64 there (76–78 KB, no spills on
+# sm_80/86/89; not measured on any GPU), while the H100 keeps its measured entries.
 CONFIGS: dict[tuple[int, str], StatsConfig] = {
     **{(bd, "16"): StatsConfig(64, 64, 4, 3) for bd in (16, 32, 64)},
     (128, "16"): StatsConfig(64, 64, 4, 3),

@@ -8,7 +8,8 @@ Rows a_0 … a_{R_a-1} and b_0 … b_{R_b-1} (e.g. student and teacher, or queri
     norm_r = ‖x_r‖,   inv_tau_r = t_a for r < R_a, t_b otherwise
 
 computed in fp32 from rows of any float dtype. One launch replaces the norm, clamp, divide of each set, the
-concatenation and the temperature vector of the bank losses' eager prologue (seven small launches). The norms let the
+concatenation and the temperature vector of the bank losses' eager prologue (seven small launches for MoCo, nine
+for ISD/ReSSL). The norms let the
 loss epilogue apply the normalization's Jacobian (:mod:`bank_loss_epilogue`).
 """
 

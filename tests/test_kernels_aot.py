@@ -9,7 +9,8 @@ frame; LOCAL counts only explicit local arrays, so LOCAL:0 alone does not exclud
 dynamic shared memory (the software pipeline's buffers) must fit the architecture's per-block opt-in limit (a launch
 that exceeds it fails with OutOfResources). If an entry spills, change the config table, not this check. The sm_90
 tuning candidates (``CANDIDATES_SM90``) are checked the same way, so the GPU sweep that times them never meets a
-spilling or unlaunchable one.
+spilling or unlaunchable one. The table-free prologue and epilogue kernels compile the same code everywhere and are
+checked for sm_80 and sm_90 only.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """L2-normalization of embedding rows for the fused loss ops, with its backward folded into their saved gradient.
 
 The losses normalize their embeddings, x̂ = x / max(‖x‖, ε) (``F.normalize``, ε = 1e-12). Left to autograd, that is
-about a dozen small launches per step in forward and backward around the two bank kernels; the ops instead normalize
+about twenty small launches per step in forward and backward around the two bank kernels; the ops instead normalize
 inside their forward and apply the normalization's Jacobian to the gradient they save there (vector-Jacobian
-product, g the gradient with respect to x̂). This module is the PyTorch form (streaming backend, and any backend under
-torch.compile); the Triton backend runs the same math as two kernels, ``fastssl.kernels.unit_rows`` and
-``fastssl.kernels.bank_loss_epilogue``:
+product, g the gradient with respect to x̂). This module is the PyTorch form (the streaming backend, and the Triton
+backend under torch.compile; the reference backend differentiates F.normalize with autograd); the eager Triton
+backend runs the same math as two kernels, ``fastssl.kernels.unit_rows`` and ``fastssl.kernels.bank_loss_epilogue``:
 
     ∂L/∂x = (g − x̂ (x̂·g)) / ‖x‖     where ‖x‖ ≥ ε
           = g / ε                   where ‖x‖ < ε   (the clamp is constant there, as in autograd's clamp_min)
