@@ -180,38 +180,51 @@ def table_suggestions(rows: list[dict], modules: dict, margin: float = 0.05) -> 
     return lines
 
 
-def config_sweep(out_dir: Path) -> None:
-    """Time launch configurations of each kernel at the target shapes (results only inform the tables)."""
+def config_sweep(
+    out_dir: Path, *, device: str = "cuda", num_keys: int = 2**20, num_rows: int = 512, bench=None
+) -> list[dict]:
+    """Time launch configurations of each kernel at the target shapes (results only inform the tables).
+
+    ``device``, ``num_keys``, ``num_rows`` and ``bench`` (a callable fn -> ms; default triton's do_bench) exist so the
+    test suite can run the same sweep on tiny shapes in Triton's CPU interpreter. Returns the rows written."""
     import fastssl.kernels.bank_softmax_stats as stats_module
     import fastssl.kernels.bank_topk as topk_module
     from fastssl.kernels.bank_softmax_stats import bank_softmax_stats
     from fastssl.kernels.bank_topk import bank_topk
-    from triton.testing import do_bench
+
+    if bench is None:
+        from triton.testing import do_bench
+
+        def bench(fn):
+            return do_bench(fn, rep=50)
 
     def timed(fn) -> float | str:
         try:
-            return do_bench(fn, rep=50)
+            return float(bench(fn))
         except Exception as exc:  # noqa: BLE001 - out of resources etc. is a result here
             return f"{type(exc).__name__}"
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for d in (128, 512):
-        bank = torch.nn.functional.normalize(torch.randn(2**20, d, device="cuda", generator=gen), dim=1).half()
-        x = torch.nn.functional.normalize(torch.randn(512, d, device="cuda", generator=gen), dim=1)
-        inv_tau = torch.full((512,), 10.0, device="cuda")
+        bank = torch.nn.functional.normalize(torch.randn(num_keys, d, device=device, generator=gen), dim=1).half()
+        x = torch.nn.functional.normalize(torch.randn(num_rows, d, device=device, generator=gen), dim=1)
+        inv_tau = torch.full((num_rows,), 10.0, device=device)
         for block_r, block_k, warps, stages, block_dc in sweep_configs(stats_module, STATS_SWEEP, d):
             kw = dict(block_r=block_r, block_k=block_k, num_warps=warps, num_stages=stages, block_dc=block_dc)
             for x_in, label in ((x, "fp32 x"), (x.half(), "fp16 x")):
                 ms = timed(lambda kw=kw, x_in=x_in, t=inv_tau, b=bank: bank_softmax_stats(x_in, t, b, **kw))
-                rows.append({"kernel": "bank_softmax_stats", "R": 512, "K": 2**20, "D": d, "x": label, **kw, "ms": ms})
+                rows.append(
+                    {"kernel": "bank_softmax_stats", "R": num_rows, "K": num_keys, "D": d, "x": label, **kw, "ms": ms}
+                )
                 print(rows[-1], flush=True)
         for block_n, block_k, warps, stages, block_dc in sweep_configs(topk_module, TOPK_SWEEP, d):
             kw = dict(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages, block_dc=block_dc)
             for k in (10, 64):
-                ms = timed(lambda kw=kw, k=k, q=x[:256], b=bank: bank_topk(q, b, k, **kw))
+                ms = timed(lambda kw=kw, k=k, q=x[: num_rows // 2], b=bank: bank_topk(q, b, k, **kw))
                 rows.append(
-                    {"kernel": "bank_topk", "R": 256, "K": 2**20, "D": d, "x": "fp32 x", "k": k, **kw, "ms": ms}
+                    {"kernel": "bank_topk", "R": num_rows // 2, "K": num_keys, "D": d, "x": "fp32 x", "k": k, **kw}
+                    | {"ms": ms}
                 )
                 print(rows[-1], flush=True)
     mark_fastest(rows, ("kernel", "D", "x", "k"))
@@ -226,6 +239,7 @@ def config_sweep(out_dir: Path) -> None:
     harness.write_results(
         "kernel_configs", rows, title="Kernel launch-config sweep (fp16 bank)", out_dir=out_dir, notes=notes
     )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,3 +153,33 @@ def test_gpu_check_suggests_table_changes_from_sweep_rows() -> None:
         'bank_softmax_stats: CONFIGS_SM90[(512, "32x16")] = StatsConfig(64, 64, 8, 2, 32)  # 4.000 ms; '
         "now StatsConfig(16, 64, 4, 2, 0): 12.200 ms"
     ]
+
+
+def test_gpu_check_config_sweep_runs_every_config_in_the_interpreter(tmp_path) -> None:
+    """The GPU sweep itself, on tiny shapes in Triton's CPU interpreter with a stand-in timer: every configuration it
+    will launch on the GPU (table entries, candidates, D-chunked ones) runs without error and is written, with the
+    suggested table lines, to kernel_configs.md."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernels in the CPU interpreter; on a GPU machine gpu_check.py runs the real sweep")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fastssl.kernels.bank_softmax_stats as stats
+    import fastssl.kernels.bank_topk as topk
+    import gpu_check
+
+    times = iter(range(1, 10_000))
+
+    def bench(fn) -> float:
+        fn()
+        return float(next(times))  # each config "slower" than the last: the first of each group is the fastest
+
+    rows = gpu_check.config_sweep(tmp_path, device="cpu", num_keys=130, num_rows=8, bench=bench)
+    assert all(isinstance(r["ms"], float) for r in rows), [r for r in rows if not isinstance(r["ms"], float)]
+    for kernel, module, fixed, per_config in (
+        ("bank_softmax_stats", stats, gpu_check.STATS_SWEEP, 2),  # fp32 and fp16 queries
+        ("bank_topk", topk, gpu_check.TOPK_SWEEP, 2),  # k = 10 and 64
+    ):
+        for d in (128, 512):
+            swept = [r for r in rows if r["kernel"] == kernel and r["D"] == d]
+            assert len(swept) == per_config * len(gpu_check.sweep_configs(module, fixed, d))
+    markdown = (tmp_path / "kernel_configs.md").read_text()
+    assert "Suggested sm_90 table changes" in markdown and "CONFIGS_SM90[(" in markdown
