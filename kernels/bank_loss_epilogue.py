@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["bank_loss_epilogue", "aot_specs", "CANDIDATES_SM90"]
+__all__ = ["bank_loss_epilogue", "aot_specs"]
 
-CANDIDATES_SM90: dict = {}  # no tuning candidates: one fixed configuration
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -86,10 +85,10 @@ def _block_r(block_d: int) -> int:
     return max(1, min(64, 4096 // block_d))
 
 
-def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, arch: int = 80, config=None) -> list[dict]:
+def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, arch: int = 80) -> list[dict]:
     """The variants a launch of width ``d`` compiles: InfoNCE, soft CE and soft-CE KL, rounding queries to the bank's
     16-bit dtype (``query_precision="bank"``) where ``x_dtype`` is 16-bit (same dict layout as the bank kernels'
-    ``aot_specs``; the architecture and config do not change it)."""
+    ``aot_specs``; one fixed configuration, which the architecture does not change)."""
     block_d = max(16, triton.next_power_of_2(d))
     round_dtype = _TL_DTYPE[x_dtype if x_dtype != torch.float32 else torch.float32]
     signature = {

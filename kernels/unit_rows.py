@@ -19,10 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["unit_rows", "aot_specs", "CANDIDATES_SM90", "EPS"]
+__all__ = ["unit_rows", "aot_specs", "EPS"]
 
 EPS = 1e-12  # F.normalize's default
-CANDIDATES_SM90: dict = {}  # no tuning candidates: one fixed configuration
 
 
 @triton.jit
@@ -70,9 +69,9 @@ def _block_r(block_d: int) -> int:
 _TRITON_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, arch: int = 80, config=None) -> list[dict]:
+def aot_specs(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, arch: int = 80) -> list[dict]:
     """The variant a launch with ``x_dtype`` rows of width ``d`` compiles (same dict layout as the bank kernels'
-    ``aot_specs``; the bank dtype, architecture and config do not change it)."""
+    ``aot_specs``; one fixed configuration, which the bank dtype and architecture do not change)."""
     block_d = max(16, triton.next_power_of_2(d))
     signature = {
         "a_ptr": _TRITON_TYPE[x_dtype], "b_ptr": _TRITON_TYPE[x_dtype], "out_ptr": "*fp32", "norm_ptr": "*fp32",

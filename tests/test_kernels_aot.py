@@ -61,7 +61,8 @@ def _specs() -> list[tuple]:
     out, seen = [], set()
 
     def add(module, mod, d, x_dtype, bank_dtype, cc, config=None):
-        for spec in mod.aot_specs(d, x_dtype, bank_dtype, arch=cc, config=config):
+        extra = {"config": config} if config is not None else {}
+        for spec in mod.aot_specs(d, x_dtype, bank_dtype, arch=cc, **extra):
             if (spec["name"], cc) not in seen:
                 seen.add((spec["name"], cc))
                 out.append((module, spec["name"], d, x_dtype, bank_dtype, cc, config))
@@ -76,7 +77,7 @@ def _specs() -> list[tuple]:
                 # the same code everywhere, checked for sm_80 and sm_90
                 for cc in ARCHS if hasattr(mod, "CONFIGS") else (80, 90):
                     add(module, mod, d, x_dtype, bank_dtype, cc)
-        for (block_d, column), configs in mod.CANDIDATES_SM90.items():
+        for (block_d, column), configs in getattr(mod, "CANDIDATES_SM90", {}).items():
             for config in configs:
                 add(module, mod, block_d, *CANDIDATE_DTYPES[column], 90, config)
     return out
@@ -92,7 +93,8 @@ def resource_usage(
     from triton.compiler import ASTSource
 
     mod = importlib.import_module(f"fastssl.kernels.{module}")
-    spec = next(s for s in mod.aot_specs(d, x_dtype, bank_dtype, arch=cc, config=config) if s["name"] == name)
+    extra = {"config": config} if config is not None else {}
+    spec = next(s for s in mod.aot_specs(d, x_dtype, bank_dtype, arch=cc, **extra) if s["name"] == name)
     src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"], attrs=spec["attrs"])
     options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
