@@ -7,6 +7,10 @@ Providers (each checked against the reference's values before it is timed):
   torch_mm   what most code does: fp16 q @ Bᵀ on tensor cores, then torch.topk (query rounded to fp16)
   faiss      faiss.knn_gpu (inner product) on the fp16 bank when FAISS-GPU is installed; faiss.knn on CPU in --smoke
   triton     backend="triton": fused dot + streaming selection, split across the bank, fastssl.kernels
+  triton_two_pass  the same kernels' two-pass search (algorithm="two_pass": each row's k tiles of largest maximum,
+             then exact selection within them); same result bit for bit
+  triton_bankq, triton_two_pass_bankq  both with query_precision="bank": queries rounded to the fp16 bank's dtype
+             (one tensor-core dot per tile instead of two; values accurate to fp16 rounding, like torch_mm)
 
 Usage: python benchmarks/bank_topk.py [--shapes targets] [--smoke] [--k 10]
 """
@@ -34,7 +38,7 @@ FULL = [(n, k, d) for d in (128, 512) for n in (256, 1024) for k in (65536, 2621
 TARGETS = [(256, 1048576, 128)]
 SMOKE = [(6, 200, 32)]
 # Providers that round the query to fp16 before the dot are only accurate to fp16 rounding of the similarities.
-VALUE_TOL = {"torch_mm": 4e-3, "faiss": 4e-3}
+VALUE_TOL = {"torch_mm": 4e-3, "faiss": 4e-3, "triton_bankq": 4e-3, "triton_two_pass_bankq": 4e-3}
 
 
 def _faiss(device: str) -> Callable | None:
@@ -74,12 +78,25 @@ def providers(smoke: bool, device: str) -> dict[str, Callable]:
     def backend(name: str) -> Callable:
         return lambda q, b, k: FF.bank_topk(q, b, k, backend=name)
 
+    def kernel(algorithm: str, query_precision: str) -> Callable:
+        from fastssl.kernels.bank_topk import bank_topk as launch
+
+        def run(q: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+            # the functional API's query handling (normalized, optionally rounded to the bank's dtype), then the kernel
+            unit = F.normalize(q.float(), dim=1)
+            return launch(unit.to(bank.dtype) if query_precision == "bank" else unit, bank, k, algorithm=algorithm)
+
+        return run
+
     out = {
         "reference": backend("reference"),
         "compile": torch.compile(backend("reference"), backend="aot_eager" if smoke else "inductor", dynamic=False),
         "streaming": backend("streaming"),
         "torch_mm": torch_mm_topk,
         "triton": backend("triton"),
+        "triton_two_pass": kernel("two_pass", "float32"),
+        "triton_bankq": lambda q, b, k: FF.bank_topk(q, b, k, backend="triton", query_precision="bank"),
+        "triton_two_pass_bankq": kernel("two_pass", "bank"),
     }
     faiss_knn = _faiss(device)
     if faiss_knn is not None:

@@ -29,6 +29,28 @@ inside the loop. At the end each program sorts its list once (bitonic sort) and 
 merges the per-split lists — max(running ascending, next descending) is bitonic and holds the top KP of both, sorted
 by one bitonic merge — and decodes the first k keys back to (value, index).
 
+Two-pass search (``algorithm="two_pass"``). In the one-pass scan a row inserts about k·ln(M/k) keys over a split of
+M scores, and with 64 rows per block most tiles trigger an extraction step; the data-dependent loop also keeps
+Triton from software-pipelining the bank loads (the sm_80 and sm_90 builds of the whole-row scan have no async
+copies; the tile-max kernel below has them). The two-pass search moves nearly all selection out of the scan:
+
+1. ``_bank_topk_tile_max_kernel`` scans the bank like the one-pass kernel but keeps, per row, the top k of its TILE
+   maxima: key (max_t, tile t), one branch-free insertion per tile, no inner loop, so the loads stay pipelined.
+   The merge kernel combines the splits: per row the k tiles T_1..T_k of largest maximum (ties: lower tile), and
+   f_n = max(T_k), the k-th largest tile maximum.
+2. The one-pass kernel (``TILE_LIST``) then scans only its row block's union of those tiles (at most BLOCK_N·k
+   distinct tiles, deduplicated and ascending, shared out among the programs), dropping scores below f_n.
+
+Why this is exact. f_n is at most the k-th best score v_k: the maxima of T_1..T_k are k distinct scores ≥ f_n. A
+score > f_n lies in a tile whose maximum is > f_n, and every such tile is among T_1..T_k. Scores equal to f_n are
+needed only as far as the lowest indices allow: with c tiles of maximum > f_n (c < k, each holding at least one of
+the c' ≥ c scores > f_n), k - c' ≤ k - c equal scores are wanted; T_{c+1}..T_k are the k - c lowest tiles of maximum
+f_n, each holding at least one score equal to f_n, so they hold the k - c lowest-indexed such scores outside the
+first c tiles. Hence the top k of the candidate tiles is the top k of the row. Both kernels score a tile with the same
+function and blocks (``_score_tile``), so the scores, and the result, are bitwise those of a one-pass scan with the
+same config. Work: one full scan with a row max and a small insertion per tile, plus BLOCK_N·k of K/BLOCK_K tiles
+rescored (about 8% for k = 10, 64 rows, K = 2^20, BLOCK_K = 128), in which a row inserts about its k final keys.
+
 Values are canonicalised (s + 0.0 turns -0.0 into +0.0) before packing, so equal floats are equal keys and ties
 follow the index, like a stable sort of the floats. NaN and -inf scores are never selected (no comparison with NaN is
 true, and nothing is below the -inf start value); a row left with fewer than k selected (non-finite inputs) gets NaN
@@ -65,9 +87,21 @@ from .dot_precision import (
     table_config,
 )
 
-__all__ = ["bank_topk", "TopkConfig", "CONFIGS", "CONFIGS_SM90", "CANDIDATES_SM90", "pick_config", "MAX_K", "aot_specs"]
+__all__ = [
+    "bank_topk",
+    "TopkConfig",
+    "CONFIGS",
+    "CONFIGS_SM90",
+    "CANDIDATES_SM90",
+    "TWO_PASS_SM90",
+    "pick_config",
+    "MAX_K",
+    "ALGORITHMS",
+    "aot_specs",
+]
 
 MAX_K = 256
+ALGORITHMS = ("one_pass", "two_pass")
 MAX_SPLITS = 256
 MIN_BLOCKS_PER_SPLIT = 8
 
@@ -127,9 +161,19 @@ CANDIDATES_SM90: dict[tuple[int, str], list[TopkConfig]] = {
 _TRITON_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-def pick_config(d: int, plan: DotPlan, arch: int = 80) -> TopkConfig:
-    """Launch configuration for feature dim ``d``, the dot plan and compute capability ``arch`` (e.g. 90)."""
-    return table_config("bank_topk", d, plan, arch, CONFIGS, CONFIGS_SM90)
+# The two-pass search launches both passes with one config (same blocks: bitwise-equal tile scores). On sm_90 the
+# measured whole-row D = 512 entry leaves the second pass's build with three bf16 query terms 16 bytes of stack (a
+# spill), so the two-pass search streams that dot in D-chunks of 64, as the sm_8x table does. Not measured.
+TWO_PASS_SM90: dict[tuple[int, str], TopkConfig] = {(512, "32x16"): TopkConfig(32, 64, 4, 2, 64)}
+
+
+def pick_config(d: int, plan: DotPlan, arch: int = 80, algorithm: str = "one_pass") -> TopkConfig:
+    """Launch configuration for feature dim ``d``, the dot plan, compute capability ``arch`` (e.g. 90) and the
+    search ``algorithm``."""
+    cfg = table_config("bank_topk", d, plan, arch, CONFIGS, CONFIGS_SM90)
+    if algorithm == "two_pass" and arch == 90:
+        cfg = TWO_PASS_SM90.get((max(16, triton.next_power_of_2(d)), plan.config_class), cfg)
+    return cfg
 
 
 @triton.jit
@@ -203,16 +247,69 @@ def _unpack_value(key):
 
 
 @triton.jit
+def _score_tile(
+    q_hi, q_lo, q_lo2,  # split query tile (whole-row dot only)
+    q_ptr, rows, n_ok, stride_q,
+    bank_ptr, offs_k, stride_bank, offs_d, d_ok,
+    K, D,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, X_TERMS: tl.constexpr, LO_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """fp32 (BLOCK_N, BLOCK_K) tile s = q·bᵀ for bank rows ``offs_k``, -inf past the bank's end.
+
+    Every kernel of this module scores tiles through this one function with the same blocks, so a tile's scores are
+    bitwise the same in each (the two-pass search relies on it)."""
+    k_ok = offs_k < K
+    if BLOCK_DC == BLOCK_D:
+        b = tl.load(
+            bank_ptr + offs_k.to(tl.int64)[:, None] * stride_bank + offs_d[None, :],
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(COMPUTE_DTYPE)
+        s = query_dot(q_hi, q_lo, q_lo2, tl.trans(b), X_TERMS, LO_SCALE, INPUT_PRECISION)
+    else:
+        s = chunked_query_dot(
+            q_ptr, rows, n_ok, stride_q, bank_ptr, offs_k, k_ok, stride_bank, D,
+            BLOCK_N, BLOCK_K, BLOCK_DC, COMPUTE_DTYPE, X_TERMS, LO_SCALE, INPUT_PRECISION,
+        )  # fmt: skip
+    return tl.where(k_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _insert_row_keys(best, kth, kth_value, key, value, MIN_KEY: tl.constexpr):
+    """Replace κ_n (the minimum of row n of ``best``) by ``key`` where ``value`` > v_n; return (best, κ, v) updated.
+
+    Callers present keys in ascending index order, so an equal value (a higher index) rightly loses the tie."""
+    take = value > kth_value
+    best = tl.where((best == kth[:, None]) & take[:, None], key[:, None], best)
+    kth = tl.min(best, axis=1)
+    kth_value = tl.where(kth < MIN_KEY + 2147483648, float("-inf"), _unpack_value(kth))
+    return best, kth, kth_value
+
+
+@triton.jit
+def _above_floor(row_max, floor, TILE_LIST: tl.constexpr):
+    """The row maxima a row may insert: -inf below the row's floor (second pass only; NaN never passes)."""
+    if TILE_LIST:
+        row_max = tl.where(row_max >= floor, row_max, float("-inf"))
+    return row_max
+
+
+@triton.jit
 def _bank_topk_partial_kernel(
     q_ptr,  # (N, D) queries
     bank_ptr,  # (K, D) bank
-    keys_ptr,  # (S, N, KP) int64 out: top-KP keys of each split, descending
+    keys_ptr,  # (S, N, KP) int64 out: top-KP keys of each program's bank range, descending
+    tiles_ptr,  # TILE_LIST: (row blocks, tiles_stride) int32 bank tile ids per row block, ascending, then padding
+    tile_counts_ptr,  # TILE_LIST: (row blocks,) int32 valid entries of each tiles_ptr row
+    floor_ptr,  # TILE_LIST: (N,) fp32 lower bound of each row's k-th best score
     N,
     K,
     D,
     stride_q,
     stride_bank,
     keys_per_split,  # multiple of BLOCK_K
+    tiles_stride,
     k,  # neighbours kept per row (<= KP)
     LOG_KP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,  # tensor-core operand dtype (see dot_precision)
@@ -224,6 +321,8 @@ def _bank_topk_partial_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DC: tl.constexpr,  # D-chunk of the dot: BLOCK_D keeps the split query tile in registers for the whole scan;
     # smaller streams it chunk by chunk with the bank tile (GEMM main loop; the L1/L2-resident query is re-read)
+    TILE_LIST: tl.constexpr,  # False: program (row block, split) scans the split's bank tiles; True: its share of the
+    # row block's candidate tiles (second pass of the two-pass search), scores below the row's floor dropped
 ):
     BLOCK_N: tl.constexpr = 1 << LOG_BLOCK_N
     BLOCK_K: tl.constexpr = 1 << LOG_BLOCK_K
@@ -238,6 +337,9 @@ def _bank_topk_partial_kernel(
     n_ok = offs_n < N
     d_ok = offs_d < D
     rows = offs_n.to(tl.int64)
+    q_hi = tl.zeros((BLOCK_N, BLOCK_D), COMPUTE_DTYPE)  # placeholders when the dot streams D-chunks (unused there)
+    q_lo = q_hi
+    q_lo2 = q_hi
     if BLOCK_DC == BLOCK_D:
         q = tl.load(q_ptr + rows[:, None] * stride_q + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         q_hi, q_lo, q_lo2 = split_query(q, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
@@ -250,40 +352,110 @@ def _bank_topk_partial_kernel(
     kth = tl.full((BLOCK_N,), MIN_KEY, tl.int64)
     kth_value = tl.full((BLOCK_N,), float("-inf"), tl.float32)
 
-    # -- phase 2: stream the split's bank blocks
-    k_start = split * keys_per_split
-    k_end = tl.minimum(k_start + keys_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_end
-        if BLOCK_DC == BLOCK_D:
-            b = tl.load(
-                bank_ptr + offs_k.to(tl.int64)[:, None] * stride_bank + offs_d[None, :],
-                mask=k_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(COMPUTE_DTYPE)
-            s = query_dot(q_hi, q_lo, q_lo2, tl.trans(b), X_TERMS, LO_SCALE, INPUT_PRECISION)
+    # -- phase 2: stream the program's bank tiles in ascending index order
+    if TILE_LIST:
+        count = tl.load(tile_counts_ptr + pid_n)
+        per_program = tl.cdiv(count, tl.num_programs(1))
+        t_start = split * per_program
+        t_end = tl.minimum(t_start + per_program, count)
+        floor = tl.load(floor_ptr + offs_n, mask=n_ok, other=float("inf"))
+    else:
+        floor = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # unused
+        t_start = split * (keys_per_split // BLOCK_K)
+        t_end = tl.minimum(t_start + keys_per_split // BLOCK_K, tl.cdiv(K, BLOCK_K))
+    for t in range(t_start, t_end):
+        if TILE_LIST:
+            k0 = tl.load(tiles_ptr + pid_n.to(tl.int64) * tiles_stride + t) * BLOCK_K
         else:
-            s = chunked_query_dot(
-                q_ptr, rows, n_ok, stride_q, bank_ptr, offs_k, k_ok, stride_bank, D,
-                BLOCK_N, BLOCK_K, BLOCK_DC, COMPUTE_DTYPE, X_TERMS, LO_SCALE, INPUT_PRECISION,
-            )  # fmt: skip
-        s = tl.where(k_ok[None, :], s, float("-inf"))
+            k0 = t * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        s = _score_tile(
+            q_hi, q_lo, q_lo2, q_ptr, rows, n_ok, stride_q, bank_ptr, offs_k, stride_bank, offs_d, d_ok, K, D,
+            BLOCK_N, BLOCK_K, BLOCK_D, BLOCK_DC, COMPUTE_DTYPE, X_TERMS, LO_SCALE, INPUT_PRECISION,
+        )  # fmt: skip
         row_max = tl.max(s, axis=1)
-        gain = tl.max((row_max > kth_value).to(tl.int32), axis=0)
+        row_value = _above_floor(row_max, floor, TILE_LIST)
+        gain = tl.max((row_value > kth_value).to(tl.int32), axis=0)
         while gain > 0:
             # one extraction step for every row: its best remaining column (lowest index among equal maxima)
             col = tl.min(tl.where(s == row_max[:, None], offs_k[None, :], 2147483647), axis=1)
-            key = _pack_keys(row_max + 0.0, col)
-            take = row_max > kth_value
-            best = tl.where((best == kth[:, None]) & take[:, None], key[:, None], best)
-            kth = tl.min(best, axis=1)
-            kth_value = tl.where(kth < MIN_KEY + 2147483648, float("-inf"), _unpack_value(kth))
+            best, kth, kth_value = _insert_row_keys(
+                best, kth, kth_value, _pack_keys(row_max + 0.0, col), row_value, MIN_KEY
+            )
             s = tl.where(offs_k[None, :] == col[:, None], float("-inf"), s)
             row_max = tl.max(s, axis=1)
-            gain = tl.max((row_max > kth_value).to(tl.int32), axis=0)
+            row_value = _above_floor(row_max, floor, TILE_LIST)
+            gain = tl.max((row_value > kth_value).to(tl.int32), axis=0)
 
     # -- phase 3: padding slots become MIN_KEY (last in the merge), then one sort, descending
+    best = tl.where(best == MAX_KEY, MIN_KEY, best)
+    best = _topk_rows(best, LOG_BLOCK_N, LOG_KP, LOG_KP, 1)
+    out = (split.to(tl.int64) * N + rows)[:, None] * KP + offs_j[None, :]
+    tl.store(keys_ptr + out, best, mask=n_ok[:, None])
+
+
+@triton.jit
+def _bank_topk_tile_max_kernel(
+    q_ptr,  # (N, D) queries
+    bank_ptr,  # (K, D) bank
+    keys_ptr,  # (S, N, KP) int64 out: the top-KP (tile maximum, tile id) keys of each split, descending
+    N,
+    K,
+    D,
+    stride_q,
+    stride_bank,
+    keys_per_split,  # multiple of BLOCK_K
+    k,  # tiles kept per row (<= KP)
+    LOG_KP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    X_TERMS: tl.constexpr,
+    LO_SCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    LOG_BLOCK_N: tl.constexpr,
+    LOG_BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DC: tl.constexpr,
+):
+    """First pass of the two-pass search: per row, the k bank tiles with the largest maxima (ties: lower tile).
+
+    One key per row and tile, inserted without a data-dependent loop, so the bank loads stay software-pipelined."""
+    BLOCK_N: tl.constexpr = 1 << LOG_BLOCK_N
+    BLOCK_K: tl.constexpr = 1 << LOG_BLOCK_K
+    KP: tl.constexpr = 1 << LOG_KP
+    MIN_KEY: tl.constexpr = -9223372036854775808
+    MAX_KEY: tl.constexpr = 9223372036854775807
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, KP)
+    n_ok = offs_n < N
+    d_ok = offs_d < D
+    rows = offs_n.to(tl.int64)
+    q_hi = tl.zeros((BLOCK_N, BLOCK_D), COMPUTE_DTYPE)  # placeholders when the dot streams D-chunks (unused there)
+    q_lo = q_hi
+    q_lo2 = q_hi
+    if BLOCK_DC == BLOCK_D:
+        q = tl.load(q_ptr + rows[:, None] * stride_q + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        q_hi, q_lo, q_lo2 = split_query(q, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
+    best = tl.where(offs_j[None, :] < k, MIN_KEY + offs_j[None, :].to(tl.int64), MAX_KEY) + tl.zeros(
+        (BLOCK_N, KP), tl.int64
+    )
+    kth = tl.full((BLOCK_N,), MIN_KEY, tl.int64)
+    kth_value = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+
+    t_start = split * (keys_per_split // BLOCK_K)
+    t_end = tl.minimum(t_start + keys_per_split // BLOCK_K, tl.cdiv(K, BLOCK_K))
+    for t in range(t_start, t_end):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        s = _score_tile(
+            q_hi, q_lo, q_lo2, q_ptr, rows, n_ok, stride_q, bank_ptr, offs_k, stride_bank, offs_d, d_ok, K, D,
+            BLOCK_N, BLOCK_K, BLOCK_D, BLOCK_DC, COMPUTE_DTYPE, X_TERMS, LO_SCALE, INPUT_PRECISION,
+        )  # fmt: skip
+        row_max = tl.max(s, axis=1) + 0.0  # NaN scores are ignored (maxnum); -0.0 -> +0.0
+        tile = tl.zeros((BLOCK_N,), tl.int32) + t
+        best, kth, kth_value = _insert_row_keys(best, kth, kth_value, _pack_keys(row_max, tile), row_max, MIN_KEY)
+
     best = tl.where(best == MAX_KEY, MIN_KEY, best)
     best = _topk_rows(best, LOG_BLOCK_N, LOG_KP, LOG_KP, 1)
     out = (split.to(tl.int64) * N + rows)[:, None] * KP + offs_j[None, :]
@@ -333,9 +505,46 @@ def _bank_topk_merge_kernel(
     tl.store(indices_ptr + out, indices, mask=mask)
 
 
+def _merge(keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, k: int) -> None:
+    """Merge the (S, N, KP) per-program key lists into the (N, k) outputs."""
+    num_splits, n, kp = keys.shape
+    merge_n = max(2, min(_merge_block_n(kp), triton.next_power_of_2(n)))
+    _bank_topk_merge_kernel[(triton.cdiv(n, merge_n),)](
+        keys, values, indices, n, num_splits, k, LOG_KP=_log2(kp), LOG_BLOCK_N=_log2(merge_n), num_warps=4
+    )
+
+
+def _candidate_tiles(
+    tile_values: torch.Tensor, tile_ids: torch.Tensor, block_n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Second-pass work list from the first pass's (N, k) top tiles (maxima descending; NaN where a row has fewer
+    than k tiles with a selectable score).
+
+    Returns:
+        tiles: (row blocks, block_n·k) int32: the distinct tile ids of each block's rows, ascending, then padding.
+        tile_counts: (row blocks,) int32 distinct ids per row block.
+        floor: (N,) fp32 the k-th largest tile maximum of each row (-inf where unfilled): a lower bound of its k-th
+            best score, since the k tiles above it hold k distinct scores at least as large.
+    """
+    n, k = tile_ids.shape
+    num_blocks = triton.cdiv(n, block_n)
+    filled = tile_values == tile_values  # not NaN
+    floor = torch.where(filled[:, -1], tile_values[:, -1], float("-inf"))
+    pad = torch.iinfo(torch.int32).max
+    ids = torch.where(filled, tile_ids.to(torch.int32), pad)
+    ids = torch.nn.functional.pad(ids, (0, 0, 0, num_blocks * block_n - n), value=pad)
+    ids = ids.view(num_blocks, block_n * k).sort(dim=1).values
+    ids[:, 1:].masked_fill_(ids[:, 1:] == ids[:, :-1], pad)  # repeats (the mask is taken before the fill)
+    ids = ids.sort(dim=1).values
+    return ids, (ids != pad).sum(dim=1, dtype=torch.int32), floor
+
+
 def _rows_per_program(cfg: TopkConfig, kp: int) -> int:
-    """BLOCK_N of the partial kernel: the table's, lowered so the running lists hold at most 4096 keys (k > 64)."""
-    return min(cfg.block_n, max(16, 4096 // kp))
+    """BLOCK_N of the scan kernels: the table's, lowered so the running lists hold at most 4096 keys (k > 64) and at
+    most 16 keys per thread: 32 rows instead of 64 at k = 33..64 with 4 warps, where the 64-row lists (32 int64 keys
+    per thread) next to a 64-row score tile left no registers for D-chunked accumulators (spills on sm_90). The H100
+    sweep timed both at D = 128, k = 64: 32 rows 1.901 ms, 64 rows 1.951 ms."""
+    return min(cfg.block_n, max(16, min(4096, 512 * cfg.num_warps) // kp))
 
 
 def _merge_block_n(kp: int) -> int:
@@ -369,26 +578,49 @@ def aot_specs(
     compute capability ``arch`` (its config table, or ``config``; k padded to :data:`AOT_KP`), for ahead-of-time
     checks. Same dict layout as ``bank_softmax_stats.aot_specs``."""
     plan = dot_plan(x_dtype, bank_dtype)
-    cfg = config or pick_config(d, plan, arch)
     specs = []
+    tag = f"D={d},x={str(x_dtype)[6:]},bank={str(bank_dtype)[6:]}"
     for kp in AOT_KP if (x_dtype, bank_dtype) == (torch.float32, torch.float16) else AOT_KP[:1]:
-        signature = {
-            "q_ptr": _TRITON_TYPE[x_dtype], "bank_ptr": _TRITON_TYPE[bank_dtype], "keys_ptr": "*i64", "N": "i32",
-            "K": "i32", "D": "i32", "stride_q": "i32", "stride_bank": "i32", "keys_per_split": "i32", "k": "i32",
+        scan = {
+            "N": "i32", "K": "i32", "D": "i32", "stride_q": "i32", "stride_bank": "i32", "keys_per_split": "i32",
         }  # fmt: skip
-        constexprs = _partial_constexprs(plan, d, kp, _rows_per_program(cfg, kp), cfg.block_k, cfg.block_dc)
-        signature.update({name: "constexpr" for name in constexprs})
-        specs.append(
-            {
-                "name": f"partial[D={d},x={str(x_dtype)[6:]},bank={str(bank_dtype)[6:]},KP={kp}{config_tag(config)}]",
-                "fn": _bank_topk_partial_kernel,
-                "signature": signature,
-                "constexprs": constexprs,
-                "attrs": {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 5, 6, 7, 8)},
-                "num_warps": cfg.num_warps,
-                "num_stages": cfg.num_stages,
-            }
-        )
+        pointers = {"q_ptr": _TRITON_TYPE[x_dtype], "bank_ptr": _TRITON_TYPE[bank_dtype], "keys_ptr": "*i64"}
+        tile_list = {"tiles_ptr": "*i32", "tile_counts_ptr": "*i32", "floor_ptr": "*fp32"}
+        kernels = [  # (name, kernel, algorithm, signature, extra constexprs, arguments divisible by 16)
+            *(
+                (
+                    f"partial[{tag},KP={kp},TILE_LIST={listed}{config_tag(config)}]",
+                    _bank_topk_partial_kernel,
+                    "two_pass" if listed else "one_pass",
+                    {**pointers, **tile_list, **scan, "tiles_stride": "i32", "k": "i32"},
+                    {"TILE_LIST": listed},
+                    (0, 1, 2, 3, 4, 5, 8, 9, 10, 11),
+                )
+                for listed in (False, True)
+            ),
+            (
+                f"tile_max[{tag},KP={kp}{config_tag(config)}]",
+                _bank_topk_tile_max_kernel,
+                "two_pass",
+                {**pointers, **scan, "k": "i32"},
+                {},
+                (0, 1, 2, 5, 6, 7, 8),
+            ),
+        ]
+        for name, fn, algorithm, signature, extra, divisible in kernels:
+            cfg = config or pick_config(d, plan, arch, algorithm)
+            constexprs = _partial_constexprs(plan, d, kp, _rows_per_program(cfg, kp), cfg.block_k, cfg.block_dc)
+            specs.append(
+                {
+                    "name": name,
+                    "fn": fn,
+                    "signature": {**signature, **{key: "constexpr" for key in {**constexprs, **extra}}},
+                    "constexprs": {**constexprs, **extra},
+                    "attrs": {(i,): [["tt.divisibility", 16]] for i in divisible},
+                    "num_warps": cfg.num_warps,
+                    "num_stages": cfg.num_stages,
+                }
+            )
         signature = {
             "keys_ptr": "*i64", "values_ptr": "*fp32", "indices_ptr": "*i64", "N": "i32", "NUM_SPLITS": "i32",
             "k": "i32", "LOG_KP": "constexpr", "LOG_BLOCK_N": "constexpr",
@@ -431,6 +663,7 @@ def bank_topk(
     num_stages: int | None = None,
     block_dc: int | None = None,
     allow_tf32: bool = False,
+    algorithm: str = "one_pass",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k bank rows by dot product, with indices.
 
@@ -441,6 +674,10 @@ def bank_topk(
         num_splits, block_n, block_k, num_warps, num_stages, block_dc: override the config table (tests use small
             blocks; ``block_dc`` is the D-chunk of the dot, 0 for the whole row).
         allow_tf32: single TF32 products for fp32 inputs (default 3xTF32, fp32-accurate).
+        algorithm: "one_pass" streams the selection with the scan; "two_pass" first finds each row's k bank tiles
+            of largest maximum, then selects exactly within its row block's union of them (module docstring). Same
+            result, bit for bit, under the same launch config (on sm_90 at D = 512 with fp32 queries the two-pass
+            search defaults to a D-chunked one, ``TWO_PASS_SM90``, whose sums may round differently).
 
     Returns:
         values: (N, k) fp32 similarities q·b, descending.
@@ -459,6 +696,8 @@ def bank_topk(
         raise ValueError(f"bank is on {bank.device}, query on {query.device}")
     if not 1 <= k <= min(num_keys, MAX_K):
         raise ValueError(f"k must be in [1, min(K={num_keys}, {MAX_K})], got {k}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if num_keys > 2**31 - 2**24:  # split bounds and the loop counter are int32 (with a margin for padding)
         raise ValueError(f"bank has {num_keys} rows; at most 2^31 - 2^24 are supported (32-bit indices and bounds)")
 
@@ -471,7 +710,7 @@ def bank_topk(
     bank = bank if bank.stride(-1) == 1 else bank.contiguous()
 
     plan = dot_plan(query.dtype, bank.dtype, allow_tf32)
-    cfg = pick_config(d, plan, device_arch(device))
+    cfg = pick_config(d, plan, device_arch(device), algorithm)
     kp = triton.next_power_of_2(k)
     block_n = block_n or _rows_per_program(cfg, kp)
     block_k = block_k or cfg.block_k
@@ -485,24 +724,30 @@ def bank_topk(
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     keys_per_split = triton.cdiv(triton.cdiv(num_keys, num_splits), block_k) * block_k
 
+    grid = (triton.cdiv(n, block_n), num_splits)
+    scan_args = (n, num_keys, d, query.stride(0), bank.stride(0), keys_per_split)
+    constexprs = _partial_constexprs(plan, d, kp, block_n, block_k, block_dc)
+    launch = {"num_warps": num_warps, "num_stages": num_stages}
     keys = torch.empty(num_splits, n, kp, dtype=torch.int64, device=device)
-    _bank_topk_partial_kernel[(triton.cdiv(n, block_n), num_splits)](
-        query,
-        bank,
-        keys,
-        n,
-        num_keys,
-        d,
-        query.stride(0),
-        bank.stride(0),
-        keys_per_split,
-        k,
-        **_partial_constexprs(plan, d, kp, block_n, block_k, block_dc),
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    merge_n = max(2, min(_merge_block_n(kp), triton.next_power_of_2(n)))
-    _bank_topk_merge_kernel[(triton.cdiv(n, merge_n),)](
-        keys, values, indices, n, num_splits, k, LOG_KP=_log2(kp), LOG_BLOCK_N=_log2(merge_n), num_warps=4
-    )
+    if algorithm == "one_pass":
+        unused = keys  # placeholder pointers of the tile-list arguments
+        _bank_topk_partial_kernel[grid](
+            query, bank, keys, unused, unused, unused, *scan_args, 0, k, **constexprs, TILE_LIST=False, **launch
+        )
+        _merge(keys, values, indices, k)
+        return values, indices
+
+    # -- two passes: (1) the k tiles of largest maximum per row, (2) exact top-k over the union of its row block's
+    _bank_topk_tile_max_kernel[grid](query, bank, keys, *scan_args, k, **constexprs, **launch)
+    tile_values = torch.empty(n, k, dtype=torch.float32, device=device)
+    tile_ids = torch.empty(n, k, dtype=torch.int64, device=device)
+    _merge(keys, tile_values, tile_ids, k)
+    tiles, tile_counts, floor = _candidate_tiles(tile_values, tile_ids, block_n)
+    splits = max(1, min(triton.cdiv(2 * _num_sms(device), grid[0]), tiles.shape[1]))
+    keys = torch.empty(splits, n, kp, dtype=torch.int64, device=device)
+    _bank_topk_partial_kernel[(grid[0], splits)](
+        query, bank, keys, tiles, tile_counts, floor, *scan_args, tiles.shape[1], k, **constexprs, TILE_LIST=True,
+        **launch,
+    )  # fmt: skip
+    _merge(keys, values, indices, k)
     return values, indices

@@ -27,7 +27,16 @@ SCRIPTS = {
         "triton_compile",
     },
     "bank_info_nce": {"reference", "compile", "streaming", "sdpa", "triton", "triton_bankq", "triton_compile"},
-    "bank_topk": {"reference", "compile", "streaming", "torch_mm", "triton"},
+    "bank_topk": {
+        "reference",
+        "compile",
+        "streaming",
+        "torch_mm",
+        "triton",
+        "triton_two_pass",
+        "triton_bankq",
+        "triton_two_pass_bankq",
+    },
     "bank_memory": {"setup", "reference", "streaming"},
 }
 
@@ -147,11 +156,18 @@ def test_gpu_check_suggests_table_changes_from_sweep_rows() -> None:
         topk_row((32, 64, 4, 2, 0), 3.0),
         topk_row((64, 64, 4, 3, 64), 3.5),  # slower at k = 10
         topk_row((64, 64, 4, 3, 64), 1.0, k=64),  # faster only at k = 64: not judged
+        topk_row((64, 64, 4, 3, 64), 0.5) | {"algorithm": "two_pass"},  # another algorithm: compared, not a config
     ]
     lines = gpu_check.table_suggestions(rows, {"bank_softmax_stats": stats, "bank_topk": topk})
     assert lines == [
         'bank_softmax_stats: CONFIGS_SM90[(512, "32x16")] = StatsConfig(64, 64, 8, 2, 32)  # 4.000 ms; '
         "now StatsConfig(16, 64, 4, 2, 0): 12.200 ms"
+    ]
+    topk_rows = [r | {"algorithm": r.get("algorithm", "one_pass")} for r in rows if r["kernel"] == "bank_topk"]
+    assert gpu_check.algorithm_comparison(topk_rows) == [
+        "D = 512, k = 10: one_pass 3.000 ms (32, 64, 4, 2, 0), two_pass 0.500 ms (64, 64, 4, 3, 64); "
+        "two_pass / one_pass = 0.17",
+        "D = 512, k = 64: one_pass 1.000 ms (64, 64, 4, 3, 64)",
     ]
 
 
@@ -176,10 +192,12 @@ def test_gpu_check_config_sweep_runs_every_config_in_the_interpreter(tmp_path) -
     assert all(isinstance(r["ms"], float) for r in rows), [r for r in rows if not isinstance(r["ms"], float)]
     for kernel, module, fixed, per_config in (
         ("bank_softmax_stats", stats, gpu_check.STATS_SWEEP, 2),  # fp32 and fp16 queries
-        ("bank_topk", topk, gpu_check.TOPK_SWEEP, 2),  # k = 10 and 64
+        ("bank_topk", topk, gpu_check.TOPK_SWEEP, 4),  # k = 10 and 64, both algorithms
     ):
         for d in (128, 512):
             swept = [r for r in rows if r["kernel"] == kernel and r["D"] == d]
             assert len(swept) == per_config * len(gpu_check.sweep_configs(module, fixed, d))
     markdown = (tmp_path / "kernel_configs.md").read_text()
     assert "Suggested sm_90 table changes" in markdown and "CONFIGS_SM90[(" in markdown
+    for d in (128, 512):
+        assert f"D = {d}, k = 10: one_pass " in markdown and "two_pass / one_pass = " in markdown

@@ -154,7 +154,7 @@ def test_every_jit_function_is_compiled_by_the_aot_specs():
 
     launched = {
         "bank_softmax_stats": {"_bank_softmax_stats_partial_kernel", "_bank_softmax_stats_merge_kernel"},
-        "bank_topk": {"_bank_topk_partial_kernel", "_bank_topk_merge_kernel"},
+        "bank_topk": {"_bank_topk_partial_kernel", "_bank_topk_tile_max_kernel", "_bank_topk_merge_kernel"},
         "unit_rows": {"_unit_rows_kernel"},
         "bank_loss_epilogue": {"_bank_loss_epilogue_kernel"},
     }
@@ -162,8 +162,11 @@ def test_every_jit_function_is_compiled_by_the_aot_specs():
         "query_dot": "_bank_softmax_stats_partial_kernel",
         "chunked_query_dot": "_bank_softmax_stats_partial_kernel",
         "split_query": "_bank_softmax_stats_partial_kernel",
+        "_score_tile": "_bank_topk_partial_kernel",
+        "_insert_row_keys": "_bank_topk_tile_max_kernel",
         "_pack_keys": "_bank_topk_partial_kernel",
-        "_unpack_value": "_bank_topk_partial_kernel",
+        "_unpack_value": "_insert_row_keys",
+        "_above_floor": "_bank_topk_partial_kernel",
         "_topk_rows": "_bank_topk_partial_kernel",
         "_sort_bitonic_rows": "_bank_topk_merge_kernel",
         "_bitonic_merge": "_sort_bitonic_rows",

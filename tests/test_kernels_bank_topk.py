@@ -2,20 +2,23 @@
 
 Integer-valued inputs (multiples of 1/4) make every dot product exact in fp16/bf16/fp32 whatever the summation order,
 so values and indices must match the oracle exactly, including the many ties (lower index first). Continuous random
-inputs check values to rounding. On CPU the kernels run in Triton's interpreter with small blocks; on CUDA the same
-cases run compiled with the production configuration, plus bf16 (triton#11584 keeps bf16 off the interpreter).
+inputs check values to rounding. Every selection case runs with both algorithms (the one-pass scan and the two-pass
+tile search), which must also agree bit for bit. On CPU the kernels run in Triton's interpreter with small blocks; on
+CUDA the same cases run compiled with the production configuration, plus bf16 (triton#11584 keeps bf16 off the
+interpreter).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import astuple
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 from conftest import CUDA  # noqa: E402 - conftest has set TRITON_INTERPRET=1 on CPU machines before this import
-from fastssl.kernels.bank_topk import bank_topk  # noqa: E402
+from fastssl.kernels.bank_topk import ALGORITHMS, bank_topk  # noqa: E402
 from launch_spy import record_block_dc  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -60,7 +63,8 @@ CASES_CUDA = CASES_CPU + [(300, 70000, 128, 10, None), (257, 5000, 512, 64, None
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_exact_with_ties_to_lower_index(device: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_exact_with_ties_to_lower_index(device: str, dtype: torch.dtype, algorithm: str) -> None:
     _skip_unsupported(device, dtype)
     gen = torch.Generator().manual_seed(0)
     for n, num_keys, d, k, num_splits in CASES_CPU if device == "cpu" else CASES_CUDA:
@@ -68,7 +72,9 @@ def test_exact_with_ties_to_lower_index(device: str, dtype: torch.dtype) -> None
             continue  # fp32 banks serve D <= 128 (test_rejects_bad_input checks the error)
         query = _quarters(n, d, dtype, device, gen)
         bank = _quarters(num_keys, d, dtype, device, gen)
-        values, indices = bank_topk(query, bank, k, num_splits=num_splits, **_launch_kwargs(device))
+        values, indices = bank_topk(
+            query, bank, k, num_splits=num_splits, algorithm=algorithm, **_launch_kwargs(device)
+        )
         assert values.dtype == torch.float32 and indices.dtype == torch.int64
         assert values.shape == indices.shape == (n, k)
         ref_values, ref_indices = oracle(query, bank, k)
@@ -79,13 +85,14 @@ def test_exact_with_ties_to_lower_index(device: str, dtype: torch.dtype) -> None
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_continuous_values_match_to_rounding(device: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_continuous_values_match_to_rounding(device: str, dtype: torch.dtype, algorithm: str) -> None:
     """Random unit vectors: values equal the fp64 top-k to fp32 rounding and the indices point at those values."""
     gen = torch.Generator().manual_seed(1)
     n, num_keys, d, k = (6, 90, 64, 17) if device == "cpu" else (256, 100000, 128, 10)
     unit = lambda m: torch.nn.functional.normalize(torch.randn(m, d, generator=gen, dtype=torch.float64), dim=1)
     query, bank = unit(n).to(device, dtype), unit(num_keys).to(device, dtype)
-    values, indices = bank_topk(query, bank, k, num_splits=3, **_launch_kwargs(device))
+    values, indices = bank_topk(query, bank, k, num_splits=3, algorithm=algorithm, **_launch_kwargs(device))
     ref_values, _ = oracle(query, bank, k)
     torch.testing.assert_close(values.double().cpu(), ref_values, rtol=0, atol=2e-6)
     sims = query.double().cpu() @ bank.double().cpu().T
@@ -97,7 +104,7 @@ def test_continuous_values_match_to_rounding(device: str, dtype: torch.dtype) ->
 @pytest.mark.parametrize("device", DEVICES)
 def test_result_independent_of_splits_and_blocks(device: str) -> None:
     """Keys are unique (value, index) pairs, so the selection is a function of the candidate set: bit-identical
-    across split counts, tile sizes and repeated launches."""
+    across split counts, tile sizes, repeated launches and the two algorithms."""
     gen = torch.Generator().manual_seed(2)
     query, bank = _quarters(10, 32, torch.float32, device, gen), _quarters(120, 32, torch.float32, device, gen)
     runs = [
@@ -105,12 +112,16 @@ def test_result_independent_of_splits_and_blocks(device: str) -> None:
         bank_topk(query, bank, 5, num_splits=1, block_n=16, block_k=16),
         bank_topk(query, bank, 5, num_splits=4, block_n=16, block_k=32),
         bank_topk(query, bank, 5, num_splits=7, block_n=16, block_k=16),
+        bank_topk(query, bank, 5, num_splits=1, block_n=16, block_k=16, algorithm="two_pass"),
+        bank_topk(query, bank, 5, num_splits=4, block_n=16, block_k=32, algorithm="two_pass"),
+        bank_topk(query, bank, 5, num_splits=7, block_n=16, block_k=16, algorithm="two_pass"),
     ]
     for values, indices in runs[1:]:
         assert torch.equal(values, runs[0][0]) and torch.equal(indices, runs[0][1])
 
 
-def test_negative_and_signed_zero_values_order() -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_negative_and_signed_zero_values_order(algorithm: str) -> None:
     """The float->int key transform orders negative, zero and positive values like the floats (ties: lower index)."""
     device = DEVICES[0] if DEVICES else pytest.skip("no Triton device")
     query = torch.ones(1, 16, device=device)
@@ -118,7 +129,7 @@ def test_negative_and_signed_zero_values_order() -> None:
     rows = [-2.0, -0.5, 0.0, -0.0, 1.5, -2.0, 0.25]
     bank = torch.zeros(len(rows), 16, device=device)
     bank[:, 0] = torch.tensor(rows)
-    values, indices = bank_topk(query, bank, 7, num_splits=2, **_launch_kwargs(device))
+    values, indices = bank_topk(query, bank, 7, num_splits=2, algorithm=algorithm, **_launch_kwargs(device))
     assert indices.cpu().tolist() == [[4, 6, 2, 3, 1, 0, 5]]
     assert values.cpu().tolist() == [[1.5, 0.25, 0.0, 0.0, -0.5, -2.0, -2.0]]
 
@@ -139,7 +150,8 @@ def test_rejects_bad_input() -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bank_dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_fp32_queries_over_16bit_bank(device: str, bank_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_fp32_queries_over_16bit_bank(device: str, bank_dtype: torch.dtype, algorithm: str) -> None:
     """fp32 queries split into 16-bit terms: values match the fp64 top-k to fp32 rounding."""
     _skip_unsupported(device, bank_dtype)
     gen = torch.Generator().manual_seed(5)
@@ -147,7 +159,7 @@ def test_fp32_queries_over_16bit_bank(device: str, bank_dtype: torch.dtype) -> N
     query = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1).float()
     bank = torch.nn.functional.normalize(torch.randn(num_keys, d, generator=gen, dtype=torch.float64), dim=1)
     query, bank = query.to(device), bank.to(device, bank_dtype)
-    values, indices = bank_topk(query, bank, k, num_splits=2, **_launch_kwargs(device))
+    values, indices = bank_topk(query, bank, k, num_splits=2, algorithm=algorithm, **_launch_kwargs(device))
     ref_values, _ = oracle(query, bank, k)
     torch.testing.assert_close(values.double().cpu(), ref_values, rtol=0, atol=2e-6)
     sims = query.double().cpu() @ bank.double().cpu().T
@@ -171,7 +183,10 @@ CHUNKED_CUDA = CHUNKED_CPU + [(256, 20000, 512, 10, 64), (100, 9000, 320, 64, 64
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_d_chunked_dot_exact_with_ties(device: str, dtype: torch.dtype, launched_block_dc: list[int]) -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_d_chunked_dot_exact_with_ties(
+    device: str, dtype: torch.dtype, launched_block_dc: list[int], algorithm: str
+) -> None:
     """Streaming the dot in D-chunks (the query re-read per bank tile) selects exactly what the fp64 oracle does."""
     _skip_unsupported(device, dtype)
     gen = torch.Generator().manual_seed(8)
@@ -179,7 +194,9 @@ def test_d_chunked_dot_exact_with_ties(device: str, dtype: torch.dtype, launched
         if dtype == torch.float32 and d > 128:
             continue
         query, bank = _quarters(n, d, dtype, device, gen), _quarters(num_keys, d, dtype, device, gen)
-        values, indices = bank_topk(query, bank, k, num_splits=3, block_dc=block_dc, **_launch_kwargs(device))
+        values, indices = bank_topk(
+            query, bank, k, num_splits=3, block_dc=block_dc, algorithm=algorithm, **_launch_kwargs(device)
+        )
         ref_values, ref_indices = oracle(query, bank, k)
         case = f"N={n} K={num_keys} D={d} k={k} block_dc={block_dc}"
         assert launched_block_dc[-1] == block_dc, case
@@ -235,7 +252,8 @@ def test_int64_offsets_beyond_2pow31_elements() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rows_without_k_selectable_scores_get_in_range_placeholders(device: str) -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_rows_without_k_selectable_scores_get_in_range_placeholders(device: str, algorithm: str) -> None:
     """NaN scores (a NaN query) and -inf scores are never selected; the unfilled slots come back as NaN with the
     slot's index, like a stable sort of an all-NaN row, so downstream gathers never see an out-of-range index."""
     d, k = 32, 5
@@ -248,7 +266,7 @@ def test_rows_without_k_selectable_scores_get_in_range_placeholders(device: str)
     query[1, 0] = -1.0
     query[2] = torch.randn(d, generator=gen)
     query, bank = query.to(device), bank.to(device)
-    values, indices = bank_topk(query, bank, k, num_splits=3, **_launch_kwargs(device))
+    values, indices = bank_topk(query, bank, k, num_splits=3, algorithm=algorithm, **_launch_kwargs(device))
     values, indices = values.cpu(), indices.cpu()
     assert indices.min() >= 0 and indices.max() < bank.shape[0]
     assert torch.isnan(values[0]).all() and indices[0].tolist() == [0, 1, 2, 3, 4]
@@ -256,3 +274,100 @@ def test_rows_without_k_selectable_scores_get_in_range_placeholders(device: str)
     assert sorted(indices[1, :3].tolist()) == [0, 1, 2] and indices[1, 3:].tolist() == [3, 4]
     ref_values, ref_indices = oracle(query[2:].cpu().float(), bank.cpu().float(), k)  # a finite row is unaffected
     assert torch.equal(indices[2:], ref_indices)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_equal_tile_maxima_resolve_to_the_lowest_indices(device: str, algorithm: str) -> None:
+    """Every 16-row tile holds one score of 1 (at row 16t + 5) among ties of 0.25: every tile has the same maximum,
+    so the two-pass search's tile choice rests on its tie rule (lower tile first) alone. The answer is the first k
+    tiles' maxima for every split count, and a bank of one constant value gives indices 0..k-1."""
+    query = torch.ones(3, 16, device=device)
+    bank = torch.full((200, 16), 0.25 / 16, device=device)  # 13 tiles of 16 rows (the CPU block), the last partial
+    bank[5::16] = 1.0 / 16
+    for num_splits in (1, 3, 5):
+        kwargs = {"num_splits": num_splits, "algorithm": algorithm, **_launch_kwargs(device)}
+        values, indices = bank_topk(query, bank, 4, **kwargs)
+        assert indices.cpu().tolist() == [[5, 21, 37, 53]] * 3, num_splits
+        assert (values.cpu() == 1.0).all()
+        values, indices = bank_topk(query, torch.full_like(bank, 0.25), 6, **kwargs)
+        assert indices.cpu().tolist() == [list(range(6))] * 3, num_splits
+        assert (values.cpu() == 4.0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_pass_visits_only_each_rows_top_tiles(device: str, monkeypatch) -> None:
+    """First pass against a tile-level oracle: per row, the k tiles of largest maximum (ties: lower tile), their
+    k-th maximum as the floor; the second pass's work list is each row block's distinct tiles, ascending."""
+    import fastssl.kernels.bank_topk as module
+
+    captured = {}
+    original = module._candidate_tiles
+
+    def spy(tile_values, tile_ids, block_n):
+        captured.update(tile_values=tile_values.cpu(), tile_ids=tile_ids.cpu(), block_n=block_n)
+        out = original(tile_values, tile_ids, block_n)
+        captured.update(zip(("tiles", "tile_counts", "floor"), (t.cpu() for t in out), strict=True))
+        return out
+
+    monkeypatch.setattr(module, "_candidate_tiles", spy)
+    gen = torch.Generator().manual_seed(11)
+    n, num_keys, d, k, block_k = 20, 200, 32, 3, 16  # 13 tiles, the last one partial; two row blocks of 16
+    query, bank = _quarters(n, d, torch.float32, device, gen), _quarters(num_keys, d, torch.float32, device, gen)
+    values, indices = bank_topk(query, bank, k, num_splits=3, block_n=16, block_k=block_k, algorithm="two_pass")
+    assert torch.equal(indices.cpu(), oracle(query, bank, k)[1])
+
+    sims = query.double().cpu() @ bank.double().cpu().T
+    tile_max = torch.nn.functional.pad(sims, (0, 13 * block_k - num_keys), value=float("-inf"))
+    tile_max = tile_max.view(n, 13, block_k).amax(dim=2)
+    order = torch.sort(tile_max, dim=1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(captured["tile_ids"], order)
+    assert torch.equal(captured["tile_values"].double(), tile_max.gather(1, order))
+    assert torch.equal(captured["floor"].double(), tile_max.gather(1, order)[:, -1])
+    for block in range(2):
+        expected = sorted(set(order[16 * block : 16 * (block + 1)].flatten().tolist()))
+        count = int(captured["tile_counts"][block])
+        assert captured["tiles"][block, :count].tolist() == expected
+        assert (captured["tiles"][block, count:] == torch.iinfo(torch.int32).max).all()
+
+
+def test_rejects_unknown_algorithm() -> None:
+    with pytest.raises(ValueError, match="algorithm"):
+        bank_topk(torch.zeros(2, 32), torch.zeros(4, 32), 1, algorithm="three_pass")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "x_dtype,bank_dtype",
+    [(torch.float32, torch.float16), (torch.float16, torch.float16), (torch.float32, torch.bfloat16)],
+    ids=str,
+)
+def test_two_pass_equals_one_pass_bit_for_bit_on_continuous_scores(
+    device: str, x_dtype: torch.dtype, bank_dtype: torch.dtype
+) -> None:
+    """With rounded (continuous) scores, the two-pass search must still return the one-pass result exactly: both
+    passes score tiles through one function, so a tile's fp32 scores are identical in each kernel (on a GPU this
+    checks the compiled kernels agree; the exact-valued tests above cannot, since their dots are exact anyway)."""
+    _skip_unsupported(device, bank_dtype)
+    from fastssl.kernels.bank_topk import pick_config
+    from fastssl.kernels.dot_precision import device_arch, dot_plan
+
+    gen = torch.Generator().manual_seed(12)
+    for n, num_keys, d, k in [(7, 300, 64, 5), (5, 200, 48, 17)] if device == "cpu" else [
+        (256, 200_000, 128, 10), (256, 100_000, 512, 10), (100, 50_000, 512, 64)
+    ]:  # fmt: skip
+        query = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+        bank = torch.nn.functional.normalize(torch.randn(num_keys, d, generator=gen, dtype=torch.float64), dim=1)
+        query, bank = query.to(device, x_dtype), bank.to(device, bank_dtype)
+        if device == "cpu":
+            launch = {"block_n": 16, "block_k": 16, "num_splits": 3}
+        else:  # the two-pass config for both (TWO_PASS_SM90 may differ from the one-pass table's)
+            cfg = pick_config(d, dot_plan(x_dtype, bank_dtype), device_arch(query.device), "two_pass")
+            launch = dict(zip(("block_n", "block_k", "num_warps", "num_stages", "block_dc"), astuple(cfg), strict=True))
+            launch["block_n"] = None  # the launcher's rows per program for this k
+        one = bank_topk(query, bank, k, algorithm="one_pass", **launch)
+        two = bank_topk(query, bank, k, algorithm="two_pass", **launch)
+        case = f"N={n} K={num_keys} D={d} k={k}"
+        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]), case
+        ref_values, _ = oracle(query, bank, k)
+        torch.testing.assert_close(two[0].double().cpu(), ref_values, rtol=0, atol=d * 2**-24, msg=case)
