@@ -104,6 +104,8 @@ MAX_K = 256
 ALGORITHMS = ("one_pass", "two_pass")
 MAX_SPLITS = 256
 MIN_BLOCKS_PER_SPLIT = 8
+MIN_KEY = tl.constexpr(-9223372036854775808)  # int64 range of the packed keys (sentinels)
+MAX_KEY = tl.constexpr(9223372036854775807)
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,7 @@ def _score_tile(
 
 
 @triton.jit
-def _insert_row_keys(best, kth, kth_value, key, value, MIN_KEY: tl.constexpr):
+def _insert_row_keys(best, kth, kth_value, key, value):
     """Replace κ_n (the minimum of row n of ``best``) by ``key`` where ``value`` > v_n; return (best, κ, v) updated.
 
     Callers present keys in ascending index order, so an equal value (a higher index) rightly loses the tie."""
@@ -285,6 +287,41 @@ def _insert_row_keys(best, kth, kth_value, key, value, MIN_KEY: tl.constexpr):
     kth = tl.min(best, axis=1)
     kth_value = tl.where(kth < MIN_KEY + 2147483648, float("-inf"), _unpack_value(kth))
     return best, kth, kth_value
+
+
+@triton.jit
+def _query_terms(
+    q_ptr, rows, n_ok, stride_q, offs_d, d_ok,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, X_TERMS: tl.constexpr, LO_SCALE: tl.constexpr,
+):  # fmt: skip
+    """The split query tile held for the whole scan (whole-row dot); placeholders when the dot streams D-chunks."""
+    q_hi = tl.zeros((BLOCK_N, BLOCK_D), COMPUTE_DTYPE)
+    q_lo = q_hi
+    q_lo2 = q_hi
+    if BLOCK_DC == BLOCK_D:
+        q = tl.load(q_ptr + rows[:, None] * stride_q + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        q_hi, q_lo, q_lo2 = split_query(q, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
+    return q_hi, q_lo, q_lo2
+
+
+@triton.jit
+def _empty_lists(k, offs_j, BLOCK_N: tl.constexpr, KP: tl.constexpr):
+    """(best, κ, v) of empty running lists: slots j < k hold distinct keys below every real key (MIN_KEY + j; a real
+    key's low word is 2^32 - 1 - index >= 2^31), padding slots MAX_KEY, never the minimum; κ = min(best), v = -inf."""
+    best = tl.where(offs_j[None, :] < k, MIN_KEY + offs_j[None, :].to(tl.int64), MAX_KEY) + tl.zeros(
+        (BLOCK_N, KP), tl.int64
+    )
+    return best, tl.full((BLOCK_N,), MIN_KEY, tl.int64), tl.full((BLOCK_N,), float("-inf"), tl.float32)
+
+
+@triton.jit
+def _store_sorted_lists(keys_ptr, best, split, N, rows, n_ok, offs_j, LOG_BLOCK_N: tl.constexpr, LOG_KP: tl.constexpr):
+    """Padding slots become MIN_KEY (last in the merge); each row's list sorted descending into keys[split]."""
+    best = tl.where(best == MAX_KEY, MIN_KEY, best)
+    best = _topk_rows(best, LOG_BLOCK_N, LOG_KP, LOG_KP, 1)
+    out = (split.to(tl.int64) * N + rows)[:, None] * (1 << LOG_KP) + offs_j[None, :]
+    tl.store(keys_ptr + out, best, mask=n_ok[:, None])
 
 
 @triton.jit
@@ -327,8 +364,6 @@ def _bank_topk_partial_kernel(
     BLOCK_N: tl.constexpr = 1 << LOG_BLOCK_N
     BLOCK_K: tl.constexpr = 1 << LOG_BLOCK_K
     KP: tl.constexpr = 1 << LOG_KP
-    MIN_KEY: tl.constexpr = -9223372036854775808
-    MAX_KEY: tl.constexpr = 9223372036854775807
     pid_n = tl.program_id(0)  # fastest axis: row blocks of one split share bank tiles in L2
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -337,20 +372,12 @@ def _bank_topk_partial_kernel(
     n_ok = offs_n < N
     d_ok = offs_d < D
     rows = offs_n.to(tl.int64)
-    q_hi = tl.zeros((BLOCK_N, BLOCK_D), COMPUTE_DTYPE)  # placeholders when the dot streams D-chunks (unused there)
-    q_lo = q_hi
-    q_lo2 = q_hi
-    if BLOCK_DC == BLOCK_D:
-        q = tl.load(q_ptr + rows[:, None] * stride_q + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        q_hi, q_lo, q_lo2 = split_query(q, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
-
-    # -- phase 1: slots j < k start as distinct keys below every real key (MIN_KEY + j: a real key's low word is
-    # 2^32 - 1 - index >= 2^31), padding slots as MAX_KEY, never the minimum. κ = min(best), v = its value.
-    best = tl.where(offs_j[None, :] < k, MIN_KEY + offs_j[None, :].to(tl.int64), MAX_KEY) + tl.zeros(
-        (BLOCK_N, KP), tl.int64
+    q_hi, q_lo, q_lo2 = _query_terms(
+        q_ptr, rows, n_ok, stride_q, offs_d, d_ok, BLOCK_N, BLOCK_D, BLOCK_DC, COMPUTE_DTYPE, X_TERMS, LO_SCALE
     )
-    kth = tl.full((BLOCK_N,), MIN_KEY, tl.int64)
-    kth_value = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+
+    # -- phase 1: empty running lists (see _empty_lists)
+    best, kth, kth_value = _empty_lists(k, offs_j, BLOCK_N, KP)
 
     # -- phase 2: stream the program's bank tiles in ascending index order
     if TILE_LIST:
@@ -379,19 +406,14 @@ def _bank_topk_partial_kernel(
         while gain > 0:
             # one extraction step for every row: its best remaining column (lowest index among equal maxima)
             col = tl.min(tl.where(s == row_max[:, None], offs_k[None, :], 2147483647), axis=1)
-            best, kth, kth_value = _insert_row_keys(
-                best, kth, kth_value, _pack_keys(row_max + 0.0, col), row_value, MIN_KEY
-            )
+            best, kth, kth_value = _insert_row_keys(best, kth, kth_value, _pack_keys(row_max + 0.0, col), row_value)
             s = tl.where(offs_k[None, :] == col[:, None], float("-inf"), s)
             row_max = tl.max(s, axis=1)
             row_value = _above_floor(row_max, floor, TILE_LIST)
             gain = tl.max((row_value > kth_value).to(tl.int32), axis=0)
 
-    # -- phase 3: padding slots become MIN_KEY (last in the merge), then one sort, descending
-    best = tl.where(best == MAX_KEY, MIN_KEY, best)
-    best = _topk_rows(best, LOG_BLOCK_N, LOG_KP, LOG_KP, 1)
-    out = (split.to(tl.int64) * N + rows)[:, None] * KP + offs_j[None, :]
-    tl.store(keys_ptr + out, best, mask=n_ok[:, None])
+    # -- phase 3: one sort, descending, and the store
+    _store_sorted_lists(keys_ptr, best, split, N, rows, n_ok, offs_j, LOG_BLOCK_N, LOG_KP)
 
 
 @triton.jit
@@ -422,8 +444,6 @@ def _bank_topk_tile_max_kernel(
     BLOCK_N: tl.constexpr = 1 << LOG_BLOCK_N
     BLOCK_K: tl.constexpr = 1 << LOG_BLOCK_K
     KP: tl.constexpr = 1 << LOG_KP
-    MIN_KEY: tl.constexpr = -9223372036854775808
-    MAX_KEY: tl.constexpr = 9223372036854775807
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -432,17 +452,10 @@ def _bank_topk_tile_max_kernel(
     n_ok = offs_n < N
     d_ok = offs_d < D
     rows = offs_n.to(tl.int64)
-    q_hi = tl.zeros((BLOCK_N, BLOCK_D), COMPUTE_DTYPE)  # placeholders when the dot streams D-chunks (unused there)
-    q_lo = q_hi
-    q_lo2 = q_hi
-    if BLOCK_DC == BLOCK_D:
-        q = tl.load(q_ptr + rows[:, None] * stride_q + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        q_hi, q_lo, q_lo2 = split_query(q, COMPUTE_DTYPE, X_TERMS, LO_SCALE)
-    best = tl.where(offs_j[None, :] < k, MIN_KEY + offs_j[None, :].to(tl.int64), MAX_KEY) + tl.zeros(
-        (BLOCK_N, KP), tl.int64
+    q_hi, q_lo, q_lo2 = _query_terms(
+        q_ptr, rows, n_ok, stride_q, offs_d, d_ok, BLOCK_N, BLOCK_D, BLOCK_DC, COMPUTE_DTYPE, X_TERMS, LO_SCALE
     )
-    kth = tl.full((BLOCK_N,), MIN_KEY, tl.int64)
-    kth_value = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    best, kth, kth_value = _empty_lists(k, offs_j, BLOCK_N, KP)
 
     t_start = split * (keys_per_split // BLOCK_K)
     t_end = tl.minimum(t_start + keys_per_split // BLOCK_K, tl.cdiv(K, BLOCK_K))
@@ -454,12 +467,9 @@ def _bank_topk_tile_max_kernel(
         )  # fmt: skip
         row_max = tl.max(s, axis=1) + 0.0  # NaN scores are ignored (maxnum); -0.0 -> +0.0
         tile = tl.zeros((BLOCK_N,), tl.int32) + t
-        best, kth, kth_value = _insert_row_keys(best, kth, kth_value, _pack_keys(row_max, tile), row_max, MIN_KEY)
+        best, kth, kth_value = _insert_row_keys(best, kth, kth_value, _pack_keys(row_max, tile), row_max)
 
-    best = tl.where(best == MAX_KEY, MIN_KEY, best)
-    best = _topk_rows(best, LOG_BLOCK_N, LOG_KP, LOG_KP, 1)
-    out = (split.to(tl.int64) * N + rows)[:, None] * KP + offs_j[None, :]
-    tl.store(keys_ptr + out, best, mask=n_ok[:, None])
+    _store_sorted_lists(keys_ptr, best, split, N, rows, n_ok, offs_j, LOG_BLOCK_N, LOG_KP)
 
 
 @triton.jit
@@ -479,13 +489,13 @@ def _bank_topk_merge_kernel(
     offs_j = tl.arange(0, KP)
     n_ok = offs_n < N
     rows = offs_n.to(tl.int64)
-    best = tl.load(keys_ptr + rows[:, None] * KP + offs_j[None, :], mask=n_ok[:, None], other=-9223372036854775808)
+    best = tl.load(keys_ptr + rows[:, None] * KP + offs_j[None, :], mask=n_ok[:, None], other=MIN_KEY)
     best = _sort_bitonic_rows(best, LOG_BLOCK_N, LOG_KP, 0)  # ascending
     for split in range(1, NUM_SPLITS):
         cand = tl.load(
             keys_ptr + (split * N + rows)[:, None] * KP + offs_j[None, :],
             mask=n_ok[:, None],
-            other=-9223372036854775808,
+            other=MIN_KEY,
         )
         best = _sort_bitonic_rows(tl.maximum(best, cand), LOG_BLOCK_N, LOG_KP, 0)
     best = _sort_bitonic_rows(best, LOG_BLOCK_N, LOG_KP, 1)
@@ -496,7 +506,7 @@ def _bank_topk_merge_kernel(
     indices = 4294967295 - (best & 4294967295)
     # A slot still holding its start sentinel: the row had fewer than k selectable scores (NaN or -inf ones, from
     # non-finite inputs). Like a stable sort of an all-NaN row: value NaN, index = the slot (always in range).
-    unfilled = best < -9223372036854775808 + 2147483648
+    unfilled = best < MIN_KEY + 2147483648
     values = tl.where(unfilled, float("nan"), values)
     indices = tl.where(unfilled, offs_j[None, :].to(tl.int64), indices)
     out = rows[:, None] * k + offs_j[None, :]
