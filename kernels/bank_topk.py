@@ -39,14 +39,15 @@ copies; the tile-max kernel below has them). The two-pass search moves nearly al
    The merge kernel combines the splits: per row the k tiles T_1..T_k of largest maximum (ties: lower tile), and
    f_n = max(T_k), the k-th largest tile maximum.
 2. The one-pass kernel (``TILE_LIST``) then scans only its row block's union of those tiles (at most BLOCK_N·k
-   distinct tiles, deduplicated and ascending, shared out among the programs), dropping scores below f_n.
+   distinct tiles, deduplicated and ascending, shared out among the programs), dropping scores below f_n (a
+   floor set just under it: ``_candidate_tiles``).
 
 Why this is exact. f_n is at most the k-th best score v_k: the maxima of T_1..T_k are k distinct scores ≥ f_n. A
 score > f_n lies in a tile whose maximum is > f_n, and every such tile is among T_1..T_k. Scores equal to f_n are
 needed only as far as the lowest indices allow: with c tiles of maximum > f_n (c < k, each holding at least one of
 the c' ≥ c scores > f_n), k - c' ≤ k - c equal scores are wanted; T_{c+1}..T_k are the k - c lowest tiles of maximum
-f_n, each holding at least one score equal to f_n, so they hold the k - c lowest-indexed such scores outside the
-first c tiles. Hence the top k of the candidate tiles is the top k of the row. Both kernels score a tile with the same
+f_n, each holding at least one score equal to f_n, so they hold at least k - c such scores, each lower-indexed than
+any outside the candidate tiles. Hence the top k of the candidate tiles is the top k of the row. Both kernels score a tile with the same
 function and blocks (``_score_tile``), so the scores, and the result, are bitwise those of a one-pass scan with the
 same config. Work: one full scan with a row max and a small insertion per tile, plus BLOCK_N·k of K/BLOCK_K tiles
 rescored (about 8% for k = 10, 64 rows, K = 2^20, BLOCK_K = 128), in which a row inserts about its k final keys.
@@ -533,13 +534,18 @@ def _candidate_tiles(
     Returns:
         tiles: (row blocks, block_n·k) int32: the distinct tile ids of each block's rows, ascending, then padding.
         tile_counts: (row blocks,) int32 distinct ids per row block.
-        floor: (N,) fp32 the k-th largest tile maximum of each row (-inf where unfilled): a lower bound of its k-th
-            best score, since the k tiles above it hold k distinct scores at least as large.
+        floor: (N,) fp32 just below the k-th largest tile maximum m_k of each row (-inf where unfilled): m_k bounds
+            the k-th best score from below (the k tiles of largest maximum hold k distinct scores ≥ m_k); the floor
+            is m_k - (|m_k|·2^-20 + 2^-40). It only prunes, so lowering it keeps the search exact and costs at most
+            a few insertions; it makes a second-pass score rounded differently from the first pass's (which the
+            shared ``_score_tile`` should rule out) at worst misranked by that rounding instead of dropped.
     """
     n, k = tile_ids.shape
     num_blocks = triton.cdiv(n, block_n)
     filled = tile_values == tile_values  # not NaN
-    floor = torch.where(filled[:, -1], tile_values[:, -1], float("-inf"))
+    kth_max = tile_values[:, -1]
+    floor = torch.where(torch.isfinite(kth_max), kth_max - (kth_max.abs() * 2**-20 + 2**-40), kth_max)
+    floor = torch.where(filled[:, -1], floor, float("-inf"))
     pad = torch.iinfo(torch.int32).max
     ids = torch.where(filled, tile_ids.to(torch.int32), pad)
     ids = torch.nn.functional.pad(ids, (0, 0, 0, num_blocks * block_n - n), value=pad)
@@ -551,9 +557,10 @@ def _candidate_tiles(
 
 def _rows_per_program(cfg: TopkConfig, kp: int) -> int:
     """BLOCK_N of the scan kernels: the table's, lowered so the running lists hold at most 4096 keys (k > 64) and at
-    most 16 keys per thread: 32 rows instead of 64 at k = 33..64 with 4 warps, where the 64-row lists (32 int64 keys
-    per thread) next to a 64-row score tile left no registers for D-chunked accumulators (spills on sm_90). The H100
-    sweep timed both at D = 128, k = 64: 32 rows 1.901 ms, 64 rows 1.951 ms."""
+    most 16 keys per thread. With 4 warps that means 32 rows instead of 64 at k = 33..64, where the 64-row lists (32
+    int64 keys per thread) next to a 64-row score tile left no registers for D-chunked accumulators (spills on
+    sm_90; the H100 sweep timed both at D = 128, k = 64: 32 rows 1.901 ms, 64 rows 1.951 ms), and 16 rows instead of
+    32 at k = 65..128 (not timed)."""
     return min(cfg.block_n, max(16, min(4096, 512 * cfg.num_warps) // kp))
 
 
@@ -682,7 +689,8 @@ def bank_topk(
         bank: (K, D) fp16/bf16/fp32 bank rows, last dim contiguous, 1 <= k <= K <= 2^31 - 2^24.
         k: number of neighbours, 1 <= k <= 256.
         num_splits, block_n, block_k, num_warps, num_stages, block_dc: override the config table (tests use small
-            blocks; ``block_dc`` is the D-chunk of the dot, 0 for the whole row).
+            blocks; ``block_dc`` is the D-chunk of the dot, 0 for the whole row; ``num_splits`` sets the bank splits
+            of the scan, the two-pass search's first pass).
         allow_tf32: single TF32 products for fp32 inputs (default 3xTF32, fp32-accurate).
         algorithm: "one_pass" streams the selection with the scan; "two_pass" first finds each row's k bank tiles
             of largest maximum, then selects exactly within its row block's union of them (module docstring). Same
@@ -753,7 +761,9 @@ def bank_topk(
     tile_ids = torch.empty(n, k, dtype=torch.int64, device=device)
     _merge(keys, tile_values, tile_ids, k)
     tiles, tile_counts, floor = _candidate_tiles(tile_values, tile_ids, block_n)
-    splits = max(1, min(triton.cdiv(2 * _num_sms(device), grid[0]), tiles.shape[1]))
+    # second pass: each row block's list (about BLOCK_N·k tiles) shared out among enough programs to fill the GPU
+    # twice over (num_splits applies to the first pass only)
+    splits = max(1, min(triton.cdiv(2 * _num_sms(device), grid[0]), tiles.shape[1], MAX_SPLITS))
     keys = torch.empty(splits, n, kp, dtype=torch.int64, device=device)
     _bank_topk_partial_kernel[(grid[0], splits)](
         query, bank, keys, tiles, tile_counts, floor, *scan_args, tiles.shape[1], k, **constexprs, TILE_LIST=True,

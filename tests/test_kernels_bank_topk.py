@@ -236,13 +236,14 @@ def test_block_dc_is_validated_and_capped_at_the_row(launched_block_dc: list[int
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU: a bank with more than 2^31 elements (4 GB fp16)")
-def test_int64_offsets_beyond_2pow31_elements() -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_int64_offsets_beyond_2pow31_elements(algorithm: str) -> None:
     """K·D > 2^31: the best matches sit in rows past the int32 offset range."""
     k, d = 2**22 + 3, 512
     gen = torch.Generator(device="cuda").manual_seed(7)
     bank = torch.nn.functional.normalize(torch.randn(k, d, device="cuda", generator=gen), dim=1).half()
     query = bank[[-1, -2, -3]].float()
-    values, indices = bank_topk(query, bank, 4)
+    values, indices = bank_topk(query, bank, 4, algorithm=algorithm)
     assert indices[:, 0].tolist() == [k - 1, k - 2, k - 3]
     sims = torch.cat([query.double() @ chunk.double().T for chunk in bank.split(2**20)], dim=1)
     ref_values = torch.sort(sims, dim=1, descending=True, stable=True).values[:, :4]
@@ -323,7 +324,8 @@ def test_two_pass_visits_only_each_rows_top_tiles(device: str, monkeypatch) -> N
     order = torch.sort(tile_max, dim=1, descending=True, stable=True).indices[:, :k]
     assert torch.equal(captured["tile_ids"], order)
     assert torch.equal(captured["tile_values"].double(), tile_max.gather(1, order))
-    assert torch.equal(captured["floor"].double(), tile_max.gather(1, order)[:, -1])
+    kth_max = tile_max.gather(1, order)[:, -1].float()
+    assert torch.equal(captured["floor"], kth_max - (kth_max.abs() * 2**-20 + 2**-40))  # just under it
     for block in range(2):
         expected = sorted(set(order[16 * block : 16 * (block + 1)].flatten().tolist()))
         count = int(captured["tile_counts"][block])
@@ -354,7 +356,7 @@ def test_two_pass_equals_one_pass_bit_for_bit_on_continuous_scores(
 
     gen = torch.Generator().manual_seed(12)
     for n, num_keys, d, k in [(7, 300, 64, 5), (5, 200, 48, 17)] if device == "cpu" else [
-        (256, 200_000, 128, 10), (256, 100_000, 512, 10), (100, 50_000, 512, 64)
+        (256, 200_000, 128, 10), (256, 100_000, 512, 10), (100, 50_000, 512, 64), (300, 60_000, 128, 100)
     ]:  # fmt: skip
         query = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
         bank = torch.nn.functional.normalize(torch.randn(num_keys, d, generator=gen, dtype=torch.float64), dim=1)
@@ -371,3 +373,74 @@ def test_two_pass_equals_one_pass_bit_for_bit_on_continuous_scores(
         assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]), case
         ref_values, _ = oracle(query, bank, k)
         torch.testing.assert_close(two[0].double().cpu(), ref_values, rtol=0, atol=d * 2**-24, msg=case)
+
+
+def _selectable_oracle(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 scores, NaN and -inf dropped, stable descending sort; unfilled slots NaN with the slot's index."""
+    values, indices = [], []
+    for row in (query.double().cpu() @ bank.double().cpu().T).tolist():
+        ranked = sorted((-v, j) for j, v in enumerate(row) if v == v and v != float("-inf"))[:k]
+        values.append([-v for v, _ in ranked] + [float("nan")] * (k - len(ranked)))
+        indices.append([j for _, j in ranked] + list(range(len(ranked), k)))
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(indices)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_non_finite_scores_and_floor_edges(device: str, algorithm: str) -> None:
+    """(a) +inf scores in more tiles than k (the two-pass floor is +inf) with +inf ties inside tiles; (b) NaN scores
+    mixed with finite ones inside tiles (ignored by the tile maxima and never selected); (c) two rows of one block
+    whose ties sit in each other's candidate tiles."""
+    d = 16
+    gen = torch.Generator().manual_seed(13)
+    bank_a = torch.zeros(100, d)
+    bank_a[:, 0] = 1.0
+    bank_a[[3, 7, 20, 40, 41, 70, 99], 0] = float("inf")
+    query_a = torch.zeros(2, d)
+    query_a[:, 0] = torch.tensor([1.0, -1.0])
+    bank_b = _quarters(90, d, torch.float32, "cpu", gen)
+    bank_b[::3, 1] = float("nan")
+    query_b = _quarters(5, d, torch.float32, "cpu", gen)
+    query_b[:, 1] = 1.0
+    query_b[2, 1] = 0.0  # 0 · NaN is NaN too
+    bank_c = torch.full((160, d), 0.0)
+    bank_c[:, :2] = 0.5
+    bank_c[[130, 131], 0] = 2.0  # row 0's best: tile 8 (of 16 rows); its other ties are everywhere
+    bank_c[5, 1] = 2.0  # row 1's best: tile 0
+    query_c = torch.zeros(2, d)
+    query_c[0, 0] = query_c[1, 1] = 1.0
+    for query, bank, k, num_splits in ((query_a, bank_a, 4, 3), (query_b, bank_b, 6, 2), (query_c, bank_c, 3, 4)):
+        kwargs = {"num_splits": num_splits, "algorithm": algorithm, **_launch_kwargs(device)}
+        values, indices = bank_topk(query.to(device), bank.to(device), k, **kwargs)
+        ref_values, ref_indices = _selectable_oracle(query, bank, k)
+        assert torch.equal(indices.cpu(), ref_indices)
+        torch.testing.assert_close(values.double().cpu(), ref_values, rtol=0, atol=0, equal_nan=True)
+
+
+def test_candidate_tiles_with_unfilled_rows_and_padding() -> None:
+    """The second pass's work list from synthetic first-pass output: NaN (unfilled) slots contribute no tile and give
+    a -inf floor; repeats within a row block appear once; padded rows of the last block add nothing."""
+    from fastssl.kernels.bank_topk import _candidate_tiles
+
+    nan = float("nan")
+    tile_values = torch.tensor([[3.0, 2.0, 1.0], [5.0, nan, nan], [2.0, 2.0, 2.0], [0.0, -1.0, float("inf")]])
+    tile_values[3] = torch.tensor([float("inf"), float("inf"), float("inf")])
+    tile_ids = torch.tensor([[4, 0, 9], [9, 0, 0], [1, 2, 3], [7, 8, 12]])
+    tiles, counts, floor = _candidate_tiles(tile_values, tile_ids, block_n=2)  # blocks {0, 1} and {2, 3}
+    pad = torch.iinfo(torch.int32).max
+    assert tiles.tolist() == [[0, 4, 9, pad, pad, pad], [1, 2, 3, 7, 8, 12]]
+    assert counts.tolist() == [3, 6]
+    assert floor[1] == float("-inf") and floor[3] == float("inf")
+    assert floor[0] == 1.0 - (2**-20 + 2**-40) and floor[2] == 2.0 - (2 * 2**-20 + 2**-40)
+    tiles, counts, floor = _candidate_tiles(tile_values[:3], tile_ids[:3], block_n=2)  # row 3 is padding now
+    assert tiles.tolist() == [[0, 4, 9, pad, pad, pad], [1, 2, 3, pad, pad, pad]] and counts.tolist() == [3, 3]
+
+
+def test_two_pass_with_one_second_pass_program_per_row_block() -> None:
+    """Nine row blocks: the second pass runs one program per block (its whole tile list), still exact."""
+    device = DEVICES[0] if DEVICES else pytest.skip("no Triton device")
+    gen = torch.Generator().manual_seed(14)
+    query, bank = _quarters(130, 16, torch.float32, device, gen), _quarters(64, 16, torch.float32, device, gen)
+    values, indices = bank_topk(query, bank, 3, algorithm="two_pass", **_launch_kwargs(device))
+    ref_values, ref_indices = oracle(query, bank, 3)
+    assert torch.equal(values.double().cpu(), ref_values) and torch.equal(indices.cpu(), ref_indices)
