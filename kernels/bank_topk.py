@@ -47,10 +47,11 @@ score > f_n lies in a tile whose maximum is > f_n, and every such tile is among 
 needed only as far as the lowest indices allow: with c tiles of maximum > f_n (c < k, each holding at least one of
 the c' ≥ c scores > f_n), k - c' ≤ k - c equal scores are wanted; T_{c+1}..T_k are the k - c lowest tiles of maximum
 f_n, each holding at least one score equal to f_n, so they hold at least k - c such scores, each lower-indexed than
-any outside the candidate tiles. Hence the top k of the candidate tiles is the top k of the row. Both kernels score a tile with the same
-function and blocks (``_score_tile``), so the scores, and the result, are bitwise those of a one-pass scan with the
-same config. Work: one full scan with a row max and a small insertion per tile, plus BLOCK_N·k of K/BLOCK_K tiles
-rescored (about 8% for k = 10, 64 rows, K = 2^20, BLOCK_K = 128), in which a row inserts about its k final keys.
+any outside the candidate tiles. Hence the top k of the candidate tiles is the top k of the row. Both kernels score a
+tile with the same function and blocks (``_score_tile``), so the scores, and the result, are bitwise those of a
+one-pass scan with the same config. Work: one full scan with a row max and a small insertion per tile, plus BLOCK_N·k
+of K/BLOCK_K tiles rescored (about 8% for k = 10, 64 rows, K = 2^20, BLOCK_K = 128), in which a row inserts about its
+k final keys.
 
 Values are canonicalised (s + 0.0 turns -0.0 into +0.0) before packing, so equal floats are equal keys and ties
 follow the index, like a stable sort of the floats. NaN and -inf scores are never selected (no comparison with NaN is
@@ -748,10 +749,13 @@ def bank_topk(
     launch = {"num_warps": num_warps, "num_stages": num_stages}
     keys = torch.empty(num_splits, n, kp, dtype=torch.int64, device=device)
     if algorithm == "one_pass":
-        unused = keys  # placeholder pointers of the tile-list arguments
+        # the tile-list arguments are unused: placeholders of their dtypes (the signature tests/test_kernels_aot.py
+        # compiles)
+        unused_i32, unused_f32 = values.new_empty(1, dtype=torch.int32), values.new_empty(1)
         _bank_topk_partial_kernel[grid](
-            query, bank, keys, unused, unused, unused, *scan_args, 0, k, **constexprs, TILE_LIST=False, **launch
-        )
+            query, bank, keys, unused_i32, unused_i32, unused_f32, *scan_args, 0, k, **constexprs, TILE_LIST=False,
+            **launch,
+        )  # fmt: skip
         _merge(keys, values, indices, k)
         return values, indices
 

@@ -355,7 +355,7 @@ def test_two_pass_equals_one_pass_bit_for_bit_on_continuous_scores(
     from fastssl.kernels.dot_precision import device_arch, dot_plan
 
     gen = torch.Generator().manual_seed(12)
-    for n, num_keys, d, k in [(7, 300, 64, 5), (5, 200, 48, 17)] if device == "cpu" else [
+    for n, num_keys, d, k in [(7, 300, 32, 5)] if device == "cpu" else [
         (256, 200_000, 128, 10), (256, 100_000, 512, 10), (100, 50_000, 512, 64), (300, 60_000, 128, 100)
     ]:  # fmt: skip
         query = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
