@@ -8,7 +8,8 @@ Providers (each checked against the reference's values before it is timed):
   faiss      faiss.knn_gpu (inner product) on the fp16 bank when FAISS-GPU is installed; faiss.knn on CPU in --smoke
   triton     backend="triton": fused dot + streaming selection, split across the bank, fastssl.kernels
   triton_two_pass  the same kernels' two-pass search (algorithm="two_pass": each row's k tiles of largest maximum,
-             then exact selection within them); same result bit for bit
+             then exact selection within its row block's union of them); same result, bit for bit except at
+             D = 512 on sm_90, where its default config (TWO_PASS_SM90) may round the sums differently
   triton_bankq, triton_two_pass_bankq  both with query_precision="bank": queries rounded to the fp16 bank's dtype
              (one tensor-core dot per tile instead of two; values accurate to fp16 rounding, like torch_mm)
 

@@ -167,7 +167,8 @@ _TRITON_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: 
 
 # The two-pass search launches both passes with one config (same blocks: bitwise-equal tile scores). On sm_90 the
 # measured whole-row D = 512 entry leaves the second pass's build with three bf16 query terms 16 bytes of stack (a
-# spill), so the two-pass search streams that dot in D-chunks of 64, as the sm_8x table does. Not measured.
+# spill), so the two-pass search streams that dot in D-chunks of 64, as the sm_8x table does (the key covers fp16
+# banks too, whose whole-row build did not spill). Not measured.
 TWO_PASS_SM90: dict[tuple[int, str], TopkConfig] = {(512, "32x16"): TopkConfig(32, 64, 4, 2, 64)}
 
 
@@ -544,9 +545,8 @@ def _candidate_tiles(
     n, k = tile_ids.shape
     num_blocks = triton.cdiv(n, block_n)
     filled = tile_values == tile_values  # not NaN
-    kth_max = tile_values[:, -1]
-    floor = torch.where(torch.isfinite(kth_max), kth_max - (kth_max.abs() * 2**-20 + 2**-40), kth_max)
-    floor = torch.where(filled[:, -1], floor, float("-inf"))
+    kth_max = torch.nan_to_num(tile_values[:, -1], nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    floor = torch.where(kth_max < float("inf"), kth_max - (kth_max.abs() * 2**-20 + 2**-40), kth_max)
     pad = torch.iinfo(torch.int32).max
     ids = torch.where(filled, tile_ids.to(torch.int32), pad)
     ids = torch.nn.functional.pad(ids, (0, 0, 0, num_blocks * block_n - n), value=pad)
@@ -557,11 +557,12 @@ def _candidate_tiles(
 
 
 def _rows_per_program(cfg: TopkConfig, kp: int) -> int:
-    """BLOCK_N of the scan kernels: the table's, lowered so the running lists hold at most 4096 keys (k > 64) and at
-    most 16 keys per thread. With 4 warps that means 32 rows instead of 64 at k = 33..64, where the 64-row lists (32
-    int64 keys per thread) next to a 64-row score tile left no registers for D-chunked accumulators (spills on
-    sm_90; the H100 sweep timed both at D = 128, k = 64: 32 rows 1.901 ms, 64 rows 1.951 ms), and 16 rows instead of
-    32 at k = 65..128 (not timed)."""
+    """BLOCK_N of the scan kernels: the table's, lowered so the running lists hold at most 4096 keys (k > 64) and, up
+    to k = 128, at most 16 keys per thread (the 16-row minimum allows 32 at k > 128 with 4 warps). With 4 warps that
+    means 32 rows instead of 64 at k = 33..64, where 64-row lists (32 int64 keys per thread) next to a 64-row score
+    tile left no registers for D-chunked accumulators (the sm_90 builds of CANDIDATES_SM90 (64, 64, 4, 3, 64) and
+    (64, 64, 4, 4, 64) at k = 64 spilled 8-16 bytes; the H100 sweep had timed both row counts at D = 128, k = 64:
+    32 rows 1.901 ms, 64 rows 1.951 ms), and 16 rows instead of 32 at k = 65..128 (not timed)."""
     return min(cfg.block_n, max(16, min(4096, 512 * cfg.num_warps) // kp))
 
 
