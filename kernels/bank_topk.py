@@ -760,7 +760,7 @@ def bank_topk(
         _merge(keys, values, indices, k)
         return values, indices
 
-    # -- two passes: (1) the k tiles of largest maximum per row, (2) exact top-k over the union of its row block's
+    # -- two passes: (1) the k tiles of largest maximum per row, (2) exact top-k within each row block's union of them
     _bank_topk_tile_max_kernel[grid](query, bank, keys, *scan_args, k, **constexprs, **launch)
     tile_values = torch.empty(n, k, dtype=torch.float32, device=device)
     tile_ids = torch.empty(n, k, dtype=torch.int64, device=device)
