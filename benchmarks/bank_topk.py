@@ -12,6 +12,9 @@ Providers (each checked against the reference's values before it is timed):
              D = 512 on sm_90, where its default config (TWO_PASS_SM90) may round the sums differently
   triton_bankq, triton_two_pass_bankq  both with query_precision="bank": queries rounded to the fp16 bank's dtype
              (one tensor-core dot per tile instead of two; values accurate to fp16 rounding, like torch_mm)
+  triton_graph, triton_two_pass_graph, triton_two_pass_bankq_graph  those searches captured once into a CUDA graph and
+             replayed: device time without Python and launch overhead (the two-pass search runs about twenty small
+             PyTorch ops between its kernels; harness.cuda_graph_trial; not in --smoke, which runs on the CPU)
 
 Usage: python benchmarks/bank_topk.py [--shapes targets] [--smoke] [--k 10]
 """
@@ -39,7 +42,13 @@ FULL = [(n, k, d) for d in (128, 512) for n in (256, 1024) for k in (65536, 2621
 TARGETS = [(256, 1048576, 128)]
 SMOKE = [(6, 200, 32)]
 # Providers that round the query to fp16 before the dot are only accurate to fp16 rounding of the similarities.
-VALUE_TOL = {"torch_mm": 4e-3, "faiss": 4e-3, "triton_bankq": 4e-3, "triton_two_pass_bankq": 4e-3}
+VALUE_TOL = {
+    "torch_mm": 4e-3,
+    "faiss": 4e-3,
+    "triton_bankq": 4e-3,
+    "triton_two_pass_bankq": 4e-3,
+    "triton_two_pass_bankq_graph": 4e-3,
+}
 
 
 def _faiss(device: str) -> Callable | None:
@@ -99,6 +108,10 @@ def providers(smoke: bool, device: str) -> dict[str, Callable]:
         "triton_bankq": lambda q, b, k: FF.bank_topk(q, b, k, backend="triton", query_precision="bank"),
         "triton_two_pass_bankq": kernel("two_pass", "bank"),
     }
+    if not smoke:  # CUDA only: the search replayed as one CUDA graph (device time, no host overhead)
+        out["triton_graph"] = out["triton"]
+        out["triton_two_pass_graph"] = out["triton_two_pass"]
+        out["triton_two_pass_bankq_graph"] = out["triton_two_pass_bankq"]
     faiss_knn = _faiss(device)
     if faiss_knn is not None:
         out["faiss"] = faiss_knn
@@ -133,7 +146,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     def trial(fn: Callable, inputs: tuple[torch.Tensor, torch.Tensor], mode: str) -> harness.Trial:
         query, bank = inputs
         step = lambda: fn(query, bank, args.k)
-        return harness.Trial(step, step)
+        return harness.Trial(step, step, collect=lambda out: tuple(t.clone() for t in out))
 
     return harness.run_matrix(
         args,

@@ -344,6 +344,7 @@ def check_targets(rows: list[dict[str, Any]], targets: list[dict[str, Any]], *, 
     Each target dict has the shape keys (``mode``, ``N``, ``K``, ``D``) and any of ``max_ms``, ``max_peak_mb``,
     ``min_speedup`` ({other provider: factor}). Utilisation of compute (TFLOP/s vs 989) and bandwidth (GB/s vs 3350)
     names the resource closest to its peak; when both are low the kernel is latency/occupancy or exp-throughput bound.
+    A ``<provider>_graph`` row of the same shape (a CUDA-graph replay) adds the device time and the host overhead.
     """
     lines = []
     for t in targets:
@@ -374,6 +375,20 @@ def check_targets(rows: list[dict[str, Any]], targets: list[dict[str, Any]], *, 
                 continue
             speedup = ref["ms"] / mine["ms"]
             checks.append(f"{speedup:.1f}x vs {other} (target ≥ {factor}x): {'met' if speedup >= factor else 'missed'}")
+        graphed = next(
+            (
+                r
+                for r in rows
+                if r["provider"] == provider + GRAPH_SUFFIX and all(r.get(k) == v for k, v in shape.items())
+            ),
+            None,
+        )
+        if graphed is not None and graphed.get("ms"):
+            host = mine["ms"] - graphed["ms"]
+            checks.append(
+                f"as a CUDA-graph replay {graphed['ms']:.3f} ms ({provider + GRAPH_SUFFIX}: device time), so host "
+                f"overhead is {host:.3f} ms ({100 * host / mine['ms']:.0f}%)"
+            )
         compute = (mine.get("tflops") or 0) / H100_FP16_DENSE_TFLOPS
         memory = (mine.get("gbps") or 0) / (H100_HBM_TBPS * 1e3)
         bound = "compute" if compute >= memory else "memory bandwidth"
@@ -493,6 +508,53 @@ class Trial(NamedTuple):
     """The timed call."""
     first_run: Callable[[], Any]
     """Runs ``step`` once and returns what :func:`run_matrix` compares with the reference's."""
+    collect: Callable[[Any], Any] | None = None
+    """What ``first_run`` returns, made from ``step()``'s output; lets :func:`cuda_graph_trial` check a replay."""
+    graphed: bool = False
+    """``step`` replays a captured CUDA graph (its memory was allocated at capture, so no peak is reported)."""
+
+
+# Providers whose name ends in this run another provider's step as a captured CUDA graph (:func:`cuda_graph_trial`).
+GRAPH_SUFFIX = "_graph"
+
+
+def cuda_graph_trial(trial: Trial, *, warmup_calls: int = 3) -> Trial:
+    """``trial`` with its step captured once into a CUDA graph and replayed.
+
+    The replay launches the step's kernels without Python, autograd or launch overhead, so its time is the step's
+    device time: what a training loop gets by capturing its step. Side by side with the eager provider it shows how
+    much of the eager time is host work. The first run warms the step up on a side stream (kernel compilation and
+    caches must come before a capture), captures it, replays it and returns ``trial.collect`` of the captured outputs,
+    so the replayed result is what is compared with the reference.
+
+    Raises:
+        RuntimeError: without CUDA, or when the step cannot be captured (a device-to-host read, a CPU tensor).
+    """
+    if trial.collect is None:
+        raise ValueError("cuda_graph_trial needs a trial with collect")
+    captured: dict[str, Any] = {}
+
+    def first_run() -> Any:
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup_calls):
+                trial.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = trial.step()
+        captured.update(graph=graph, out=out)
+        graph.replay()
+        torch.cuda.synchronize()
+        return trial.collect(out)
+
+    def step() -> None:
+        captured["graph"].replay()
+
+    return Trial(step, first_run, trial.collect, graphed=True)
 
 
 # Failures that make a row an error row instead of aborting the run (a provider that cannot run a shape).
@@ -525,7 +587,8 @@ def run_matrix(
     The reference must come first in ``providers``: its result is what later providers are compared with (a failing
     reference leaves the cell uncompared). A provider that raises one of :data:`PROVIDER_ERRORS` on its first run
     gives a row with ``ms=None`` and ``error``; the run goes on. :data:`COMPILED_PROVIDERS` are skipped off the target
-    shapes under ``--compile-targets-only``. Each measured row is printed as it is done.
+    shapes under ``--compile-targets-only``. A provider named ``<name>_graph`` is timed as a CUDA-graph replay of its
+    step (:func:`cuda_graph_trial`; its trial needs ``collect``). Each measured row is printed as it is done.
 
     Args:
         args: parsed matrix command line (:func:`add_matrix_options`).
@@ -556,6 +619,8 @@ def run_matrix(
                     continue
                 row = new_row(shape, mode, name)
                 cell = trial(fn, inputs, mode)
+                if name.endswith(GRAPH_SUFFIX):
+                    cell = cuda_graph_trial(cell)
                 try:
                     result = cell.first_run()
                 except PROVIDER_ERRORS as exc:
@@ -570,7 +635,7 @@ def run_matrix(
                 row["ms"] = time_ms(
                     cell.step, warmup=args.warmup, rep=args.rep, device=device, min_calls=1 if args.smoke else 3
                 )
-                row["peak_mb"] = peak_memory_mb(cell.step, device=device)
+                row["peak_mb"] = None if cell.graphed else peak_memory_mb(cell.step, device=device)
                 rows.append(add_roofline(row, **cost))
                 print(markdown_table([row]).splitlines()[-1], flush=True)
             _release_cache(device)
@@ -594,11 +659,10 @@ def loss_trial(fn: Callable, inputs: tuple[torch.Tensor, torch.Tensor, torch.Ten
             loss.backward()
         return loss
 
-    def first_run() -> tuple[torch.Tensor, torch.Tensor | None]:
-        loss = step().detach()
-        return loss, (s.grad.detach().clone() if s.grad is not None else None)
+    def collect(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return loss.detach().clone(), (s.grad.detach().clone() if s.grad is not None else None)
 
-    return Trial(step, first_run)
+    return Trial(step, lambda: collect(step()), collect)
 
 
 def compare_loss_and_grad(

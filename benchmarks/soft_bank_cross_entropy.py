@@ -9,6 +9,9 @@ Providers (each checked against the reference's loss and student gradient before
   triton     backend="triton": the fused split-K kernels of fastssl.kernels
   triton_bankq  the same with query_precision="bank": queries rounded to the 16-bit bank dtype (one tensor-core dot
              per tile instead of two; its loss differs from the fp32-query reference by that rounding)
+  triton_graph, triton_bankq_graph  the triton / triton_bankq step (forward, or forward and backward) captured once
+             into a CUDA graph and replayed: the step's device time without Python, autograd and launch overhead
+             (harness.cuda_graph_trial; not in --smoke, which runs on the CPU)
   triton_compile  torch.compile of the triton provider: the kernels stay opaque custom ops and inductor generates
              the normalisation, epilogue and backward around them (eagerly the triton provider runs its own prologue
              and epilogue kernels: four launches, a mean and the backward's multiply)
@@ -74,7 +77,7 @@ def providers(smoke: bool) -> dict[str, Callable]:
     def compiled(fn: Callable) -> Callable:
         return torch.compile(fn, backend="aot_eager" if smoke else "inductor", dynamic=False)
 
-    return {
+    out = {
         "reference": backend("reference"),
         "compile": compiled(backend("reference")),
         "streaming": backend("streaming"),
@@ -83,6 +86,10 @@ def providers(smoke: bool) -> dict[str, Callable]:
         "triton_bankq": backend("triton", "bank"),
         "triton_compile": compiled(backend("triton")),
     }
+    if not smoke:  # CUDA only: the eager Triton step replayed as one CUDA graph (device time, no host overhead)
+        out["triton_graph"] = backend("triton")
+        out["triton_bankq_graph"] = backend("triton", "bank")
+    return out
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -140,6 +140,11 @@ class MemoryBank(nn.Module):
             )
         if keys.device != self.queue.device:
             return ValueError, f"keys are on {keys.device}, the bank is on {self.queue.device}"
+        if self.queue.is_cuda and torch.cuda.is_current_stream_capturing():
+            return RuntimeError, (
+                "cannot be captured in a CUDA graph: its ring pointer lives on the host (a replay would write the "
+                "same rows every time) and its validation reads the keys back; capture the loss, enqueue outside"
+            )
         if keys.shape[0] > self.size:
             return ValueError, f"batch of {keys.shape[0]} keys is larger than the bank ({self.size} rows)"
         if keys.shape[0]:

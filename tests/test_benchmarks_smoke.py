@@ -91,6 +91,46 @@ def test_memory_benchmark_losses_agree(smoke_results: dict) -> None:
     assert all(r["peak_rss_mb"] > 0 for r in rows.values())
 
 
+def test_targets_report_host_overhead_from_the_cuda_graph_row() -> None:
+    """A ``triton_graph`` row of the target shape (the same step replayed as a CUDA graph) turns into the device time
+    and the host overhead (eager minus replay) in the targets text; other shapes' graph rows are not used."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import harness
+
+    shape = {"mode": "forward+backward", "N": 256, "K": 1048576, "D": 128}
+    rows = [
+        {"provider": "triton", **shape, "ms": 1.0, "tflops": 275.0, "gbps": 268.0},
+        {"provider": "triton_graph", **shape, "ms": 0.25},
+        {"provider": "triton_graph", **shape, "D": 512, "ms": 0.01},
+    ]
+    text = harness.check_targets(rows, [{**shape, "max_ms": 0.3}])
+    assert "1.000 ms vs ≤ 0.3 ms: missed by 3.33x" in text
+    assert "as a CUDA-graph replay 0.250 ms (triton_graph: device time), so host overhead is 0.750 ms (75%)" in text
+    no_graph = harness.check_targets(rows[:1], [{**shape, "max_ms": 0.3}])
+    assert "CUDA-graph" not in no_graph
+
+
+def test_cuda_graph_trial_without_a_gpu_is_an_error_row_not_a_crash() -> None:
+    """On a machine without CUDA a ``*_graph`` provider raises a RuntimeError (one of PROVIDER_ERRORS, so the matrix
+    records an error row) before touching its step."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tests/test_cuda_graphs.py checks capture and replay there")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import harness
+
+    calls = []
+    trial = harness.Trial(lambda: calls.append(1), lambda: None, collect=lambda out: out)
+    graphed = harness.cuda_graph_trial(trial)
+    assert graphed.graphed and not trial.graphed
+    with pytest.raises(harness.PROVIDER_ERRORS, match="CUDA graphs need a CUDA device"):
+        graphed.first_run()
+    assert calls == []
+    with pytest.raises(ValueError, match="collect"):
+        harness.cuda_graph_trial(harness.Trial(lambda: None, lambda: None))
+
+
 def test_gpu_check_refuses_cpu_only_machine() -> None:
     import torch
 
