@@ -13,8 +13,8 @@ Providers (each checked against the reference's values before it is timed):
   triton_bankq, triton_two_pass_bankq  both with query_precision="bank": queries rounded to the fp16 bank's dtype
              (one tensor-core dot per tile instead of two; values accurate to fp16 rounding, like torch_mm)
   triton_graph, triton_two_pass_graph, triton_two_pass_bankq_graph  those searches captured once into a CUDA graph and
-             replayed: device time without Python and launch overhead (the two-pass search runs about twenty small
-             PyTorch ops between its kernels; harness.cuda_graph_trial; not in --smoke, which runs on the CPU)
+             replayed: device time without Python and launch overhead (the two-pass search builds its tile list
+             with seventeen small PyTorch ops; harness.cuda_graph_trial; not in --smoke, which runs on the CPU)
 
 Usage: python benchmarks/bank_topk.py [--shapes targets] [--smoke] [--k 10]
 """
