@@ -3,6 +3,8 @@ tiny CPU models for the offline digits data. Every backbone returns pooled (N, f
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -54,8 +56,57 @@ class ViTBackbone(nn.Module):
         return torch.stack([p[:, 0] for p in prefix])
 
 
-def build_backbone(arch: str, *, cifar_stem: bool = False) -> nn.Module:
-    """A backbone whose forward returns (N, feature_dim) features; ``feature_dim`` is an attribute."""
+def sincos_position_embedding_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(1, grid_h·grid_w, dim) fixed 2-D sine-cosine position embedding of MoCo v3's ViT (Chen et al. 2021).
+
+    Patch (i, j), in row-major order, gets [sin(i·ω), cos(i·ω), sin(j·ω), cos(j·ω)] with the dim/4 frequencies
+    ω_f = temperature^(-f / (dim/4)), f = 0 … dim/4 − 1.
+    """
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float32), torch.arange(grid_w, dtype=torch.float32), indexing="ij"
+    )
+    angle_i = rows.flatten()[:, None] * omega[None]
+    angle_j = cols.flatten()[:, None] * omega[None]
+    return torch.cat([angle_i.sin(), angle_i.cos(), angle_j.sin(), angle_j.cos()], dim=1)[None]
+
+
+def use_mocov3_stem(vit: nn.Module) -> None:
+    """MoCo v3's ViT stem (Chen et al. 2021), as SDSSL uses it (Jang et al. 2023, Sec. 4.1), in place on a timm ViT.
+
+    The position embedding becomes the fixed 2-D sin-cos one (zero for the class token). The patch projection is
+    re-drawn uniform in ±sqrt(6 / (3·p_h·p_w + width)) and frozen, which MoCo v3 found to stabilise training. Both stay
+    parameters (without gradient), so checkpoints keep timm's layout and evaluation loads them as usual.
+    """
+    grid_h, grid_w = vit.patch_embed.grid_size
+    prefix = vit.num_prefix_tokens if not getattr(vit, "no_embed_class", False) else 0
+    if vit.pos_embed is None or vit.pos_embed.shape[1] != prefix + grid_h * grid_w:
+        raise ValueError("model.vit_mocov3: this timm ViT has no per-patch position embedding to replace")
+    table = sincos_position_embedding_2d(grid_h, grid_w, vit.embed_dim)
+    proj = vit.patch_embed.proj
+    bound = math.sqrt(6.0 / float(proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] + vit.embed_dim))
+    with torch.no_grad():
+        vit.pos_embed.copy_(torch.cat([torch.zeros(1, prefix, vit.embed_dim), table], dim=1))
+        nn.init.uniform_(proj.weight, -bound, bound)
+        nn.init.zeros_(proj.bias)
+    vit.pos_embed.requires_grad_(False)
+    proj.requires_grad_(False)
+
+
+def build_backbone(arch: str, *, cifar_stem: bool = False, vit_mocov3: bool = False) -> nn.Module:
+    """A backbone whose forward returns (N, feature_dim) features; ``feature_dim`` is an attribute.
+
+    ``vit_mocov3`` gives a ViT MoCo v3's stem (:func:`use_mocov3_stem`).
+    """
+    if vit_mocov3:
+        backbone = build_backbone(arch, cifar_stem=cifar_stem)
+        if not isinstance(backbone, ViTBackbone):
+            raise ValueError(f"model.vit_mocov3: MoCo v3's ViT stem needs a ViT, not {arch!r}")
+        use_mocov3_stem(backbone.vit)
+        return backbone
     if arch == "digits_cnn":
         return DigitsCNN()
     if arch == "digits_cnn_small":

@@ -86,6 +86,24 @@ def test_overrides_are_typed():
         (["method.k=9999"], r"method.k"),
         (["run.deterministic=maybe"], r"run.deterministic: expected true or false"),
         (["lr"], r"SECTION.KEY=VALUE"),
+        # values that would otherwise fail only once training has started
+        (["run.log_every=0"], r"run.log_every: must be positive"),
+        (["run.checkpoint_every=-1"], r"run.checkpoint_every: must be ≥ 0"),
+        (["run.knn_every=-5"], r"run.knn_every: must be ≥ 0"),
+        (["optim.weight_decay=-1e-4"], r"optim.weight_decay: must be ≥ 0"),
+        (["optim.warmup_steps=-1"], r"optim.warmup_steps: must be ≥ 0"),
+        (["method.warmup_epochs=nan"], r"method.warmup_epochs: must be ≥ 0"),
+        (["optim.gamma=0"], r"optim.gamma: must be positive"),
+        (["optim.momentum=1"], r"optim.momentum: must be in \[0, 1\)"),
+        (["optim.milestones=[0.8,0.6]"], r"optim.milestones"),
+        (["optim.milestones=[1.5]"], r"optim.milestones"),
+        (["optim.betas=[0.9]"], r"optim.betas"),
+        (["model.projector=[0,32]"], r"model.projector: layer widths must be positive"),
+        (["data.num_workers=-1"], r"data.num_workers: must be ≥ 0"),
+        (["data.views=digits_weak"], r"data.views: isd compares at least two views"),
+        (["method.bank_size=16"], r"method.bank_size: 16 rows cannot take the 32 keys enqueued per step"),
+        (["model.layer_projector=[16,32]"], r"model.layer_projector: only SDSSL"),
+        (["model.vit_mocov3=true"], r"model.vit_mocov3: MoCo v3's ViT stem needs a ViT"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, match):
@@ -112,3 +130,31 @@ def test_unknown_config_and_yaml_errors(tmp_path):
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
     assert main(["train", "--config", "tiny_isd", "optim.lrr=1"]) == 2
     assert "unknown key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_batch_size_is_global_and_checked_against_the_launch(monkeypatch):
+    """data.batch_size is the global batch: under torchrun (WORLD_SIZE) it must split evenly over the ranks, and a
+    sharded bank's per-rank shard must hold one rank's share of it."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="data.batch_size: the global batch 32 does not split evenly over 3 ranks"):
+        load_config("tiny_mocov2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert load_config("tiny_mocov2").data.batch_size == 32
+    with pytest.raises(ConfigError, match="each rank's shard of 4 rows cannot take the 8 keys"):
+        load_config("tiny_mocov2", ["method.shard_bank=true", "method.bank_size=16"])
+    assert load_config("tiny_mocov2", ["method.shard_bank=true", "method.bank_size=32"]).method.bank_size == 32
+
+
+def test_sdssl_recipes_follow_the_paper_heads_and_vit(tmp_path):
+    """Jang et al. 2023, Sec. 4.1: 3-layer projectors (hidden 4096 last, 2048 intermediate), 2-layer predictors
+    (hidden 4096), 256-d outputs, BN on the output layers except BYOL's, MoCo v3's ViT stem."""
+    mocov3 = load_config("sdssl_vit_s16_mocov3", [f"data.path={tmp_path}"])
+    model = mocov3.model
+    assert (model.projector, model.layer_projector, model.predictor) == (
+        [4096, 4096, 256],
+        [2048, 2048, 256],
+        [4096, 256],
+    )
+    assert model.projector_out_bn and model.vit_mocov3
+    byol = load_config("sdssl_vit_s16_byol", [f"data.path={tmp_path}"])
+    assert not byol.model.projector_out_bn and byol.model.layer_projector == [2048, 2048, 256]

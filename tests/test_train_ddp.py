@@ -43,7 +43,8 @@ def test_two_rank_torchrun_keeps_banks_and_weights_identical(tmp_path):
     bank = "criterion.bank.queue"
     assert torch.equal(states[0][bank], states[1][bank])
     assert torch.equal(states[0]["criterion.bank.label_queue"], states[1]["criterion.bank.label_queue"])
-    assert int(states[0]["criterion.bank.ptr"]) == (4 * 2 * 32) % 256  # both ranks' keys were gathered
+    # data.batch_size=32 is the global batch: 16 images per rank, both ranks' keys gathered into every bank
+    assert int(states[0]["criterion.bank.ptr"]) == (4 * 32) % 256
     for name, value in states[0].items():
         if (
             name.startswith(("backbone.", "projector.", "predictor.", "teacher_"))

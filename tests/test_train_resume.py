@@ -82,3 +82,66 @@ def test_non_finite_loss_stops_with_the_step_named_and_keeps_the_last_good_check
     assert [p.name for p in checkpoints][-1] == "step_000000002.pt"  # steps 1 and 2 completed; step 3 (index 2) died
     assert str(checkpoints[-1]) in str(info.value)
     assert torch.isfinite(load_checkpoint(checkpoints[-1])["method"]["backbone.body.0.weight"]).all()
+
+
+def test_resume_after_a_crash_logs_every_scalar_once(tmp_path):
+    """A run killed after its step-2 checkpoint had logged steps 3 and 4; the resumed run logs them again, so the
+    stale rows are dropped: the CSV equals the uninterrupted run's, one row per (step, name)."""
+    import csv
+
+    def scalars(root):
+        with (root / "tiny_msf" / "scalars.csv").open() as f:
+            return [
+                (r["step"], r["name"], r["value"]) for r in csv.DictReader(f) if not r["name"].endswith("img_per_s")
+            ]
+
+    common = ("run.log_every=1", "run.checkpoint_every=2", "run.keep_last=10", "run.knn_monitor=false")
+    run(tmp_path / "full", "tiny_msf", *common)
+    run(tmp_path / "crash", "tiny_msf", *common)
+    directory = tmp_path / "crash" / "tiny_msf" / "checkpoints"
+    for path in list_checkpoints(directory)[1:]:  # the "crash": only the step-2 checkpoint reached the disk
+        path.unlink()
+    run(tmp_path / "crash", "tiny_msf", *common, "run.resume=auto")
+    resumed = scalars(tmp_path / "crash")
+    assert len(resumed) == len(set((step, name) for step, name, _ in resumed))
+    assert resumed == scalars(tmp_path / "full")
+
+
+def test_each_state_is_checkpointed_once(tmp_path, monkeypatch):
+    """An epoch end that is also a checkpoint_every step and the end of training writes one checkpoint, not three;
+    the final kNN evaluation is in the last checkpoint; resuming a finished run writes and evaluates nothing."""
+    import fastssl.train.trainer as trainer_module
+
+    writes = []
+    real_save = trainer_module.save_checkpoint
+
+    def counting_save(state, directory, step, **kwargs):
+        writes.append(step)
+        return real_save(state, directory, step, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", counting_save)
+    overrides = [f"run.out_dir={tmp_path}", "run.max_steps=4", "run.checkpoint_every=2", "run.keep_last=10"]
+    overrides.append("run.knn_monitor=true")
+    first = Trainer(load_config("tiny_isd", overrides)).fit()
+    assert writes == [2, 4]
+    assert [entry["tag"] for entry in first["knn_history"]] == ["random init", "trained"]
+    last = load_checkpoint(latest_checkpoint(tmp_path / "tiny_isd" / "checkpoints"))
+    assert last["knn_history"] == first["knn_history"]
+    again = Trainer(load_config("tiny_isd", [*overrides, "run.resume=auto"])).fit()
+    assert writes == [2, 4] and again["knn_history"] == first["knn_history"]
+
+
+def test_a_killed_write_leaves_no_temp_file_for_long(tmp_path):
+    """A SIGKILL during a write leaves its temp file (no handler runs); the next write removes it."""
+    (tmp_path / ".step_000000003.pt.x1y2.tmp").write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_text("kept")
+    save_checkpoint({"step": 4}, tmp_path, 4, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step_000000004.pt"]
+
+
+def test_compiled_backbone_keeps_the_checkpoint_layout(tmp_path):
+    """model.compile compiles in place: parameter names (and so checkpoints) match the uncompiled model's."""
+    plain = Trainer(load_config("tiny_isd", [f"run.out_dir={tmp_path / 'a'}"]))
+    compiled = Trainer(load_config("tiny_isd", [f"run.out_dir={tmp_path / 'b'}", "model.compile=true"]))
+    assert list(compiled.state_dict()["method"]) == list(plain.state_dict()["method"])
+    assert list(compiled.state_dict()["backbone"]) == list(plain.state_dict()["backbone"])

@@ -41,9 +41,10 @@ def test_two_rank_sharded_bank_training_and_resume(tmp_path):
     trained = [r["trained"] for r in ranks]
     queue, ptr = "criterion.bank.queue", "criterion.bank.ptr"
     assert trained[0][queue].shape == (128, 32)  # bank_size 256 over 2 ranks
-    assert int(trained[0][ptr]) == int(trained[1][ptr]) == 3 * 32  # each shard took only its own rank's 3 batches
-    assert not torch.equal(trained[0][queue][:96], trained[1][queue][:96])  # the ranks' keys differ
-    assert not torch.equal(trained[0][queue][96:], trained[1][queue][96:])  # and so do their random initial rows
+    # each shard took only its own rank's 3 batches of 16 (the global batch 32 split over 2 ranks)
+    assert int(trained[0][ptr]) == int(trained[1][ptr]) == 3 * 16
+    assert not torch.equal(trained[0][queue][:48], trained[1][queue][:48])  # the ranks' keys differ
+    assert not torch.equal(trained[0][queue][48:], trained[1][queue][48:])  # and so do their random initial rows
     for name, value in trained[0].items():
         if (
             name.startswith(("backbone.", "projector.", "teacher_"))

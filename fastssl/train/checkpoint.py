@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 PATTERN = re.compile(r"^step_(\d{9})\.pt$")
+TEMP_PATTERN = re.compile(r"^\.step_\d{9}\.pt\..*\.tmp$")  # what save_checkpoint writes before its rename
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
@@ -36,9 +37,13 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, step: int, *, keep_last: int) -> Path:
-    """Atomically writes ``state`` as ``step_<step>.pt`` and deletes all but the newest ``keep_last``."""
+    """Atomically writes ``state`` as ``step_<step>.pt`` and deletes all but the newest ``keep_last``, and any temp
+    file a killed earlier write left behind."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.iterdir():  # temp files of writes killed midway (one writer per directory: rank 0)
+        if TEMP_PATTERN.match(stale.name):
+            stale.unlink(missing_ok=True)
     final = checkpoint_path(directory, step)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
     try:

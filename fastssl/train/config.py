@@ -7,6 +7,7 @@ read or any model is built, with the dotted key named in the error.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ class DataConfig:
     dataset: str = "digits"  # digits | imagefolder | synthetic
     path: str | None = None  # ImageFolder root (imagefolder), output folder (synthetic)
     views: str | list[str] = "digits_pair"  # a multi-view recipe name or a list of view presets (teacher view first)
-    batch_size: int = 256  # per rank
+    batch_size: int = 256  # global: split evenly over the ranks (the official scripts' total batch)
     backend: str = "auto"  # auto | dali | torchvision
     num_workers: int | None = 0
     eval_path: str | None = None  # ImageFolder root for the kNN monitor's test split (imagefolder)
@@ -44,10 +45,13 @@ class ModelConfig:
     cifar_stem: bool = False  # 3x3 stride-1 first conv, no max-pool (CIFAR-size ResNets)
     projector: list[int] = field(default_factory=lambda: [512, 128])  # hidden..., out; [] = no projector
     projector_bn: bool = True
+    projector_out_bn: bool = False  # BN without affine on the projector's output (MoCo v3, SDSSL's MoCo v3 heads)
+    layer_projector: list[int] = field(default_factory=list)  # SDSSL: intermediate blocks' projectors; [] = projector
     predictor: list[int] = field(default_factory=list)  # hidden..., out; [] = no predictor
     predictor_bn: bool = True
     sync_bn: bool = False
     compile: bool = False  # torch.compile the backbone
+    vit_mocov3: bool = False  # MoCo v3's ViT stem: fixed 2-D sin-cos position embedding, frozen random patch projection
 
 
 @dataclass
@@ -274,6 +278,22 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     return config
 
 
+def _count_views(views: str | list[str]) -> int:
+    """How many views one image yields (a multi-view recipe counts its views, a single preset one)."""
+    from fastssl.data.presets import RECIPES
+
+    return sum(len(RECIPES[name]) if name in RECIPES else 1 for name in ([views] if isinstance(views, str) else views))
+
+
+def _launch_world_size() -> int:
+    """The number of ranks torchrun launched this process with (1 outside torchrun), known before any process group
+    exists, so per-step sizes can be checked up front."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def _check_views(views: str | list[str]) -> None:
     from fastssl.data.presets import PRESETS, RECIPES
 
@@ -309,12 +329,67 @@ def validate(config: TrainConfig) -> None:
         "run.epochs": config.run.epochs,
         "run.keep_last": config.run.keep_last,
         "run.knn_k": config.run.knn_k,
+        "run.log_every": config.run.log_every,
+        "optim.gamma": config.optim.gamma,
     }
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
+    non_negative = {
+        "method.warmup_steps": config.method.warmup_steps,
+        "method.warmup_epochs": config.method.warmup_epochs,
+        "method.sdssl_ratio": config.method.sdssl_ratio,
+        "optim.warmup_steps": config.optim.warmup_steps,
+        "optim.warmup_epochs": config.optim.warmup_epochs,
+        "optim.weight_decay": config.optim.weight_decay,
+        "run.checkpoint_every": config.run.checkpoint_every,
+        "run.knn_every": config.run.knn_every,
+    }
+    for key, value in non_negative.items():
+        if not value >= 0:  # `not >=` also rejects NaN
+            raise ConfigError(f"{key}: must be ≥ 0, got {value}")
+    for key in ("data.num_workers", "data.unbalanced_large", "data.unbalanced_cap", "run.threads"):
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        minimum = 0 if key == "data.num_workers" else 1
+        if value is not None and value < minimum:
+            raise ConfigError(f"{key}: must be ≥ {minimum} when set, got {value}")
     if not 0 <= config.method.momentum <= 1:
         raise ConfigError(f"method.momentum: must be in [0, 1], got {config.method.momentum}")
+    if not 0 <= config.optim.momentum < 1:
+        raise ConfigError(f"optim.momentum: must be in [0, 1), got {config.optim.momentum}")
+    milestones = config.optim.milestones
+    increasing = all(a < b for a, b in zip(milestones, milestones[1:], strict=False))
+    if not increasing or not all(0 < m < 1 for m in milestones):
+        raise ConfigError(f"optim.milestones: fractions of training, increasing, each in (0, 1); got {milestones}")
+    if len(config.optim.betas) != 2 or not all(0 <= b < 1 for b in config.optim.betas):
+        raise ConfigError(f"optim.betas: two numbers in [0, 1) (AdamW's β1, β2), got {config.optim.betas}")
+    for key in ("model.projector", "model.predictor", "model.layer_projector"):
+        widths = getattr(config.model, key.split(".")[1])
+        if any(w < 1 for w in widths):
+            raise ConfigError(f"{key}: layer widths must be positive, got {widths}")
+    _check_views(config.data.views)
+    views = _count_views(config.data.views)
+    if views < 2:
+        raise ConfigError(
+            f"data.views: {config.method.name} compares at least two views of each image (teacher view first); "
+            f"{config.data.views!r} gives {views}"
+        )
+    world = _launch_world_size()
+    if config.data.batch_size % world:
+        raise ConfigError(
+            f"data.batch_size: the global batch {config.data.batch_size} does not split evenly over {world} ranks"
+        )
+    # Every method enqueues one key per image of the global batch (into the whole bank, or its own per-rank shard).
+    sharded = config.method.shard_bank and world > 1
+    rows = -(-config.method.bank_size // world) if sharded else config.method.bank_size
+    keys_per_step = config.data.batch_size // world if sharded else config.data.batch_size
+    if keys_per_step > rows:
+        where = f"each rank's shard of {rows} rows" if sharded else f"{rows} rows"
+        raise ConfigError(
+            f"method.bank_size: {where} cannot take the {keys_per_step} keys enqueued per step "
+            f"(data.batch_size={config.data.batch_size} over {world} rank{'s' if world > 1 else ''})"
+        )
     if config.method.shard_bank and config.method.name not in SHARDABLE_METHODS:
         raise ConfigError(
             f"method.shard_bank: only {', '.join(SHARDABLE_METHODS)} merge bank shards (softmax losses); "
@@ -338,8 +413,16 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"data.path: {config.data.path!r} is not a directory")
         if config.data.eval_path and not Path(config.data.eval_path).is_dir():
             raise ConfigError(f"data.eval_path: {config.data.eval_path!r} is not a directory")
-    _check_views(config.data.views)
     if (config.data.unbalanced_large is None) != (config.data.unbalanced_cap is None):
         raise ConfigError("data.unbalanced_large and data.unbalanced_cap must be set together (ISD Table 4)")
+    if config.model.layer_projector and config.method.name != "sdssl":
+        raise ConfigError(f"model.layer_projector: only SDSSL has per-block projectors, not {config.method.name}")
+    if config.model.layer_projector and config.model.layer_projector[-1] != (config.model.projector or [None])[-1]:
+        raise ConfigError(
+            f"model.layer_projector: must end at the projector's output width, got {config.model.layer_projector} "
+            f"and model.projector={config.model.projector}"
+        )
+    if config.model.vit_mocov3 and not config.model.arch.startswith("vit"):
+        raise ConfigError(f"model.vit_mocov3: MoCo v3's ViT stem needs a ViT, not model.arch={config.model.arch!r}")
     if config.method.name in ("msf", "byol", "sdssl", "nnclr") and not config.model.predictor:
         raise ConfigError(f"model.predictor: method {config.method.name} needs a predictor (e.g. [4096, 256])")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,29 @@ class RunLog:
                 writer.writerow([step, name, f"{float(value):.8g}"])
                 if self._writer is not None:
                     self._writer.add_scalar(name, value, step)
+
+    def rewind(self, step: int) -> None:
+        """Forgets every scalar logged after ``step`` (a run resumed from its step-``step`` checkpoint logs them again).
+
+        The CSV is rewritten through a temp file and a rename, so a kill here leaves the old or the new file; the
+        TensorBoard writer is reopened with ``purge_step`` so that its readers hide the stale events too.
+        """
+        if not self.enabled:
+            return
+        kept = [row for row in self.rows if row[0] <= step]
+        if len(kept) != len(self.rows):
+            tmp = self._csv_path.with_name(self._csv_path.name + ".tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["step", "name", "value"])
+                writer.writerows([s, name, f"{value:.8g}"] for s, name, value in kept)
+            os.replace(tmp, self._csv_path)
+            self.rows = kept
+        if self._writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer.close()
+            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=step + 1)
 
     def write_json(self, name: str, payload: dict[str, Any]) -> Path:
         path = self.out_dir / name

@@ -89,11 +89,18 @@ class Trainer:
 
         views = _views(config)
         self.views = views
+        # data.batch_size is the global batch (as in the official scripts), split evenly over the ranks.
+        self.global_batch = config.data.batch_size
+        if self.global_batch % self.ctx.world_size:
+            raise ConfigError(
+                f"data.batch_size: the global batch {self.global_batch} does not split evenly over "
+                f"{self.ctx.world_size} ranks"
+            )
         source = training_source(config.data, seed=run.seed)
         self.loader = make_loader(
             source,
             views,
-            config.data.batch_size,
+            self.global_batch // self.ctx.world_size,
             backend=config.data.backend,
             seed=run.seed,
             rank=self.ctx.rank,
@@ -106,8 +113,7 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ConfigError(
-                f"data.batch_size: {config.data.batch_size} per rank × {self.ctx.world_size} ranks exceeds the "
-                f"{len(source)} training images"
+                f"data.batch_size: the global batch {self.global_batch} exceeds the {len(source)} training images"
             )
         self.total_steps = run.epochs * self.steps_per_epoch
         if run.max_steps is not None:
@@ -124,9 +130,8 @@ class Trainer:
             self.method = self.method.to(memory_format=torch.channels_last)
         if config.model.sync_bn and self.ctx.world_size > 1:
             self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
-        global_batch = config.data.batch_size * self.ctx.world_size
-        self.base_lr = scaled_lr(config.optim, global_batch)
-        self.optimizer = build_optimizer(self.method, config.optim, global_batch)
+        self.base_lr = scaled_lr(config.optim, self.global_batch)
+        self.optimizer = build_optimizer(self.method, config.optim, self.global_batch)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=run.amp == "fp16")
         self.model: nn.Module = self.method
         if self.ctx.world_size > 1:
@@ -138,8 +143,11 @@ class Trainer:
                 broadcast_buffers=False,
             )
         if config.model.compile:
-            self.method.backbone = torch.compile(self.method.backbone)
+            # In place (nn.Module.compile): the parameter names stay those of the uncompiled backbone, so checkpoints
+            # resume and evaluate with compilation on or off.
+            self.method.backbone.compile()
         self.global_step = self.epoch = self.step_in_epoch = 0
+        self._unsaved = True  # state changed since the last checkpoint (or there is none yet)
         self.knn_history: list[dict[str, Any]] = []
         mean, std = views[0].mean, views[0].std
         self.monitor = monitor_splits(config.data, seed=run.seed, mean=mean, std=std, image_size=views[0].size)
@@ -169,7 +177,12 @@ class Trainer:
         _set_rng_state(state["rng"])
 
     def save(self) -> Path | None:
+        """Checkpoints the current state, unless nothing changed since the last checkpoint (an epoch end that is also
+        a ``checkpoint_every`` step and the end of training writes once). Every rank must call it."""
+        if not self._unsaved:  # the same decision on every rank: it depends on steps and evaluations only
+            return None
         shards = gather_bank_shards(self.method)  # a collective: every rank takes part, rank 0 writes
+        self._unsaved = False
         if not self.ctx.is_main:
             return None
         state = self.state_dict()
@@ -187,6 +200,9 @@ class Trainer:
         if not path.is_file():
             raise ConfigError(f"run.resume: checkpoint {str(path)!r} does not exist")
         self.load_state_dict(load_checkpoint(path))
+        self._unsaved = False
+        # Scalars logged after this checkpoint (by the interrupted run) would be logged again: drop them.
+        self.log.rewind(self.global_step)
         if self.ctx.is_main:
             print(f"fastssl train: resumed from {path} at step {self.global_step} (epoch {self.epoch})")
         return path
@@ -212,6 +228,7 @@ class Trainer:
                     train.features, train.labels, test.features, test.labels, k=self.config.run.knn_k
                 )
                 results[name] = accuracy.top1
+        self._unsaved = True
         if not self.ctx.is_main:
             return None
         self.knn_history.append({"step": self.global_step, "tag": tag, **results})
@@ -238,6 +255,7 @@ class Trainer:
         with self._autocast():
             loss, metrics = self.model(views, labels, step)
         loss_value = float(loss.detach())
+        self._unsaved = True
         if not math.isfinite(loss_value):
             last = latest_checkpoint(self.checkpoint_dir)
             raise NonFiniteLossError(
@@ -255,6 +273,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         run = self.config.run
         self.maybe_resume()
+        # Whether the checkpoint resumed from already holds an evaluation at its step (the same on every rank: all
+        # ranks load rank 0's history).
+        evaluated_here = any(entry["step"] == self.global_step for entry in self.knn_history)
         if self.global_step == 0:
             self.knn("random init")
         losses: list[float] = []
@@ -271,7 +292,7 @@ class Trainer:
                 mininterval=1.0,
             )
         started = time.perf_counter()
-        images_per_step = self.config.data.batch_size * self.ctx.world_size
+        images_per_step = self.global_batch
         stop_reason = self._stop_reason(started)
         try:
             while stop_reason is None and self.epoch < run.epochs:
@@ -287,13 +308,14 @@ class Trainer:
                     now = time.perf_counter()
                     img_s, tick = images_per_step / max(now - tick, 1e-9), now
                     self._report(loss, metrics, img_s, progress)
-                    if run.checkpoint_every and self.global_step % run.checkpoint_every == 0:
-                        self.save()
-                    if run.knn_every and self.global_step % run.knn_every == 0 and self.global_step < self.total_steps:
-                        self.knn(f"step {self.global_step}")
                     stop_reason = self._stop_reason(started)
                     if stop_reason is not None:
-                        break
+                        break  # the final evaluation and checkpoint follow the loop
+                    # evaluate before checkpointing, so a checkpoint holds every evaluation logged up to its step
+                    if run.knn_every and self.global_step % run.knn_every == 0:
+                        self.knn(f"step {self.global_step}")
+                    if run.checkpoint_every and self.global_step % run.checkpoint_every == 0:
+                        self.save()
                 if stop_reason is None and self.step_in_epoch == 0:
                     self.save()  # epoch end
         finally:
@@ -301,8 +323,9 @@ class Trainer:
                 progress.close()
         elapsed = time.perf_counter() - started
         stop_reason = stop_reason or "finished"
+        if losses or not evaluated_here:  # a resumed run that had nothing left to do was evaluated before it stopped
+            self.knn("trained")
         self.save()
-        self.knn("trained")
         result = self.summary(losses, elapsed, stop_reason)
         self.log.close()
         return result

@@ -27,9 +27,9 @@ class Method(nn.Module):
         super().__init__()
         self.config = config
         model = config.model
-        self.backbone = build_backbone(model.arch, cifar_stem=model.cifar_stem)
+        self.backbone = build_backbone(model.arch, cifar_stem=model.cifar_stem, vit_mocov3=model.vit_mocov3)
         feature_dim = self.backbone.feature_dim
-        self.projector = mlp(feature_dim, model.projector, bn=model.projector_bn)
+        self.projector = mlp(feature_dim, model.projector, bn=model.projector_bn, out_bn=model.projector_out_bn)
         self.embed_dim = head_out_dim(feature_dim, model.projector)
         self.predictor = mlp(self.embed_dim, model.predictor, bn=model.predictor_bn)
         if model.predictor and model.predictor[-1] != self.embed_dim:

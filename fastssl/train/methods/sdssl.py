@@ -20,9 +20,15 @@ class SDSSL(Method):
             raise ValueError(f"model.arch: SDSSL distills ViT blocks; {config.model.arch!r} is not a ViT")
         model, m = config.model, config.method
         depth, feature_dim = self.backbone.depth, self.backbone.feature_dim
-        # One projector and one predictor per block; the last pair is the usual output head.
+        # One projector and one predictor per block; the last pair is the usual output head. The intermediate
+        # projectors may be narrower (Sec. 4.1: hidden 2048 there, 4096 for the last projector and all predictors).
+        layer_dims = model.layer_projector or model.projector
         self.projectors = nn.ModuleList(
-            [self.projector] + [mlp(feature_dim, model.projector, bn=model.projector_bn) for _ in range(depth - 1)]
+            [self.projector]
+            + [
+                mlp(feature_dim, layer_dims, bn=model.projector_bn, out_bn=model.projector_out_bn)
+                for _ in range(depth - 1)
+            ]
         )
         self.predictors = nn.ModuleList(
             [self.predictor] + [mlp(self.embed_dim, model.predictor, bn=model.predictor_bn) for _ in range(depth - 1)]
