@@ -104,6 +104,9 @@ def test_overrides_are_typed():
         (["method.bank_size=16"], r"method.bank_size: 16 rows cannot take the 32 keys enqueued per step"),
         (["model.layer_projector=[16,32]"], r"model.layer_projector: only SDSSL"),
         (["model.vit_mocov3=true"], r"model.vit_mocov3: MoCo v3's ViT stem needs a ViT"),
+        (["optim.lr=inf"], r"optim.lr: must be positive and finite"),
+        (["method.tau=inf"], r"method.tau: must be positive and finite"),
+        (["run.resume=/nonexistent/step_000000001.pt"], r"run.resume: checkpoint '/nonexistent/step_000000001.pt'"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, match):
@@ -125,6 +128,10 @@ def test_unknown_config_and_yaml_errors(tmp_path):
     bad.write_text("optim:\n  learning_rate: 0.1\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'optim.learning_rate'"):
         load_config(str(bad))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: {lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: not valid YAML"):
+        load_config(str(broken))
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):

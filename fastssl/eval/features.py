@@ -45,7 +45,7 @@ class Features:
 
 
 def eval_transform(
-    image_size: int = 224,
+    image_size: int | tuple[int, int] = 224,
     resize: int | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
@@ -53,21 +53,22 @@ def eval_transform(
     """The papers' evaluation transform: resize the shorter side, center crop, to tensor, normalize.
 
     Args:
-        image_size: crop size (224 for ImageNet).
-        resize: shorter-side size before the crop; defaults to image_size / 0.875 (256 for 224).
+        image_size: crop size (224 for ImageNet), or (height, width).
+        resize: shorter-side size before the crop; defaults to the crop's shorter side / 0.875 (256 for 224).
         mean: per-channel mean.
         std: per-channel std.
 
     Returns:
-        a torchvision transform taking a PIL image and returning a (3, image_size, image_size) float tensor.
+        a torchvision transform taking a PIL image and returning a (3, height, width) float tensor.
     """
     from torchvision import transforms
 
-    resize = resize if resize is not None else round(image_size / 0.875)
+    crop = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    resize = resize if resize is not None else round(min(crop) / 0.875)
     return transforms.Compose(
         [
             transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(image_size),
+            transforms.CenterCrop(crop),
             transforms.ToTensor(),
             transforms.Normalize(mean, std),
         ]

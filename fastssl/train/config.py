@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     dataset: str = "digits"  # digits | imagefolder | synthetic
-    path: str | None = None  # ImageFolder root (imagefolder), output folder (synthetic)
+    path: str | None = None  # ImageFolder root (imagefolder); synthetic: its folder, written if missing, else reused
     views: str | list[str] = "digits_pair"  # a multi-view recipe name or a list of view presets (teacher view first)
     batch_size: int = 256  # global: split evenly over the ranks (the official scripts' total batch)
     backend: str = "auto"  # auto | dali | torchvision
@@ -108,6 +108,7 @@ class RunConfig:
     checkpoint_every: int = 0  # steps; 0 = only at epoch end and at the end
     keep_last: int = 2
     resume: str | None = None  # auto | PATH
+    overwrite: bool = False  # a fresh run replaces an earlier run's outputs in its directory (else it refuses)
     log_every: int = 10
     knn_monitor: bool = True  # kNN accuracy of the backbones before and after training (and every knn_every steps)
     knn_every: int = 0  # steps between kNN monitor evaluations; 0 = before and after training only
@@ -243,11 +244,18 @@ def _read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {name_or_path!r} does not exist")
-        return yaml.safe_load(path.read_text()) or {}, str(path)
+        return _parse_yaml(path.read_text(), str(path)), str(path)
     shipped = resources.files("fastssl.configs") / f"{name_or_path}.yaml"
     if not shipped.is_file():
         raise ConfigError(f"unknown config {name_or_path!r}; shipped configs: {', '.join(shipped_configs())}")
-    return yaml.safe_load(shipped.read_text()) or {}, f"config {name_or_path}"
+    return _parse_yaml(shipped.read_text(), f"config {name_or_path}"), f"config {name_or_path}"
+
+
+def _parse_yaml(text: str, origin: str) -> Any:
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{origin}: not valid YAML: {' '.join(str(error).split())}") from None
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -333,8 +341,8 @@ def validate(config: TrainConfig) -> None:
         "optim.gamma": config.optim.gamma,
     }
     for key, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"{key}: must be positive and finite, got {value}")
     non_negative = {
         "method.warmup_steps": config.method.warmup_steps,
         "method.warmup_epochs": config.method.warmup_epochs,
@@ -346,8 +354,8 @@ def validate(config: TrainConfig) -> None:
         "run.knn_every": config.run.knn_every,
     }
     for key, value in non_negative.items():
-        if not value >= 0:  # `not >=` also rejects NaN
-            raise ConfigError(f"{key}: must be ≥ 0, got {value}")
+        if not 0 <= value < float("inf"):  # also rejects NaN
+            raise ConfigError(f"{key}: must be ≥ 0 and finite, got {value}")
     for key in ("data.num_workers", "data.unbalanced_large", "data.unbalanced_cap", "run.threads"):
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
@@ -406,6 +414,9 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config.run, key.split(".")[1])
         if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be positive when set, got {value}")
+    resume = config.run.resume
+    if resume is not None and resume != "auto" and not Path(resume).is_file():
+        raise ConfigError(f"run.resume: checkpoint {resume!r} does not exist (use 'auto' for this run's latest)")
     if config.data.dataset == "imagefolder":
         if not config.data.path:
             raise ConfigError("data.path: the imagefolder dataset needs data.path=/path/to/train")

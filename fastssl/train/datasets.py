@@ -17,7 +17,10 @@ def training_source(data: DataConfig, *, seed: int) -> ArraySource | FileSource:
     if data.dataset == "digits":
         source: ArraySource | FileSource = shifted_digits("train").as_source()
     elif data.dataset == "synthetic":
-        source = image_folder(make_synthetic_image_folder(data.path or "runs/synthetic_images", seed=seed))
+        root = Path(data.path or "runs/synthetic_images")
+        if not root.is_dir():  # written once (atomically: an existing folder is complete), then reused
+            make_synthetic_image_folder(root, seed=seed)
+        source = image_folder(root)
     else:
         source = image_folder(data.path)
     if data.unbalanced_large is not None:
@@ -39,7 +42,7 @@ def _array_dataset(source: ArraySource, mean: tuple[float, ...], std: tuple[floa
     return torch.utils.data.TensorDataset((images - mean_t) / std_t, torch.from_numpy(source.labels))
 
 
-def monitor_splits(data: DataConfig, *, seed: int, mean, std, image_size: int):
+def monitor_splits(data: DataConfig, *, seed: int, mean, std, image_size: int | tuple[int, int]):
     """(train, test) map-style datasets of (image, label) for the kNN monitor, or None when there is no test split.
 
     Digits: the train and test splits (disjoint base images). ImageFolder: ``data.path`` and ``data.eval_path``

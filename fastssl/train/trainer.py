@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,10 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastssl.collectives import agree, comm_device
 from fastssl.data import make_loader, resolve_views
 from fastssl.data.presets import RECIPES, get_views
 from fastssl.train.bank_shards import gather_bank_shards, restore_bank_shards
-from fastssl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastssl.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from fastssl.train.config import ConfigError, TrainConfig
 from fastssl.train.datasets import monitor_splits, training_source
 from fastssl.train.distributed import DistContext, setup_distributed, teardown_distributed
@@ -85,8 +87,18 @@ class Trainer:
         _seed_everything(run.seed, run.deterministic)
         self.out_dir = Path(run.out_dir) / run.name
         self.checkpoint_dir = self.out_dir / "checkpoints"
+        try:
+            self._build(config)
+        except ValueError as error:  # a value only the data or the model can reject (an unknown arch, ...)
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(str(error)) from error
+        # Only now, with everything built, does the run touch its directory.
+        self._prepare_run_dir()
         self.log = RunLog(self.out_dir, tensorboard=run.tensorboard, enabled=self.ctx.is_main)
 
+    def _build(self, config: TrainConfig) -> None:
+        run = config.run
         views = _views(config)
         self.views = views
         # data.batch_size is the global batch (as in the official scripts), split evenly over the ranks.
@@ -152,6 +164,29 @@ class Trainer:
         mean, std = views[0].mean, views[0].std
         self.monitor = monitor_splits(config.data, seed=run.seed, mean=mean, std=std, image_size=views[0].size)
 
+    def _prepare_run_dir(self) -> None:
+        """A fresh run (no ``run.resume``) never mixes with an earlier run in its directory, whose newer checkpoints
+        would outlive its own under ``keep_last`` and whose scalars would share its curves: it refuses, or with
+        ``run.overwrite`` removes the earlier run's outputs (only the files a run writes)."""
+        run = self.config.run
+        earlier = [p.name for p in (self.out_dir / "scalars.csv", self.out_dir / "metrics.json") if p.exists()]
+        earlier += [p.name for p in list_checkpoints(self.checkpoint_dir)]
+        refuse = bool(earlier) and not run.resume and not run.overwrite
+        if self.ctx.world_size > 1:  # every rank raises if any rank would (so none waits in a collective alone)
+            refuse = not agree(not refuse, comm_device(torch.empty(0, device=self.ctx.device)))
+        if refuse:
+            shown = ", ".join(earlier[:3]) + (", …" if len(earlier) > 3 else "")
+            raise ConfigError(
+                f"run.name: {self.out_dir} holds an earlier run ({shown}); continue it with --resume auto, start "
+                "over with run.overwrite=true, or choose another run.name or run.out_dir"
+            )
+        if earlier and not run.resume and run.overwrite and self.ctx.is_main:
+            for name in ("scalars.csv", "metrics.json", "curves.png"):
+                (self.out_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
+            for path in list_checkpoints(self.checkpoint_dir):
+                path.unlink()
+
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -195,11 +230,25 @@ class Trainer:
         if not resume:
             return None
         path = latest_checkpoint(self.checkpoint_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return None  # nothing to resume yet: a fresh start
+        if path is None:  # nothing to resume yet: a fresh start (scalars of a run that never checkpointed go)
+            self.log.rewind(-1)
+            if self.ctx.is_main:
+                print(f"fastssl train: no checkpoint in {self.checkpoint_dir} yet: starting from scratch")
+            return None
         if not path.is_file():
             raise ConfigError(f"run.resume: checkpoint {str(path)!r} does not exist")
-        self.load_state_dict(load_checkpoint(path))
+        try:
+            state = load_checkpoint(path)
+        except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
+            raise ConfigError(f"run.resume: {str(path)!r} is not a fastssl checkpoint ({error})") from error
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as error:
+            lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+            first = " ".join(lines[:2])[:300] if lines else type(error).__name__
+            raise ConfigError(
+                f"run.resume: {str(path)!r} does not fit this config (was the model or method changed?): {first}"
+            ) from error
         self._unsaved = False
         # Scalars logged after this checkpoint (by the interrupted run) would be logged again: drop them.
         self.log.rewind(self.global_step)
