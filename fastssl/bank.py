@@ -19,6 +19,10 @@ from fastssl.collectives import agree, all_gather_rows, comm_device, distributed
 INITS = ("random", "empty")
 
 
+class NonFiniteKeysError(ValueError):
+    """``MemoryBank.enqueue`` got NaN or inf keys (a diverged model, typically); the bank is unchanged."""
+
+
 class MemoryBank(nn.Module):
     """FIFO ring buffer of ``size`` unit-norm keys of dimension ``dim``.
 
@@ -153,7 +157,7 @@ class MemoryBank(nn.Module):
             # aminmax propagate NaN), their minimum is 0 if a row is all zero.
             smallest, largest = torch.stack(torch.aminmax(keys.abs().amax(dim=1))).tolist()
             if not math.isfinite(largest):
-                return ValueError, "keys contain NaN or inf"
+                return NonFiniteKeysError, "keys contain NaN or inf"
             if smallest == 0:
                 return ValueError, "keys contain an all-zero row, which has no direction to normalize"
         if labels is not None:

@@ -81,3 +81,22 @@ def test_streaming_chunks_equal_reference_on_large_random_bank():
     v_str, i_str = topk_module.bank_topk_streaming(F.normalize(query, dim=1), bank, 10, chunk_size=777)
     assert torch.equal(i_ref, i_str)
     torch.testing.assert_close(v_ref, v_str)
+
+
+@pytest.mark.parametrize("backend", ["reference", *TOPK_BACKENDS])
+def test_nan_scores_rank_last_on_every_backend(backend, small_chunks):
+    """NaN similarities rank below every number on every backend (the Triton kernel never selects one): NaN bank rows
+    are no one's neighbours, a NaN query's values are all NaN, and nothing fails."""
+    g = torch.Generator().manual_seed(3)
+    bank = F.normalize(torch.randn(30, 16, generator=g), dim=1)
+    bank[[4, 21]] = float("nan")
+    query = torch.randn(3, 16, generator=g)
+    query[1] = float("nan")
+    values, indices = bank_topk(query.to(DEVICE), bank.to(DEVICE), 5, backend=backend)
+    values, indices = values.cpu(), indices.cpu()
+    assert values[1].isnan().all()
+    finite = torch.tensor([j for j in range(30) if j not in (4, 21)])
+    for row in (0, 2):
+        sims = F.normalize(query[row : row + 1].double(), dim=1) @ bank[finite].double().T
+        assert indices[row].tolist() == finite[sims[0].argsort(descending=True, stable=True)[:5]].tolist()
+        torch.testing.assert_close(values[row].double(), sims[0].sort(descending=True).values[:5], rtol=0, atol=1e-5)

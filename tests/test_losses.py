@@ -167,3 +167,27 @@ def test_loss_step_reads_no_scalars_from_the_device(module_cls):
             module(query, target).backward()
     assert reads.count == 0
     assert len(module.bank) == 64 and int(module.bank.ptr) == (64 * 0 + 12) % 64  # host copies match the buffers
+
+
+@pytest.mark.parametrize(
+    "query,target,match",
+    [
+        (torch.randn(4, 4), torch.randn(4, 8), r"target has shape \(4, 8\) but query has shape \(4, 4\)"),
+        (torch.randn(4, 8), torch.randn(5, 8), r"target has shape \(5, 8\)"),
+        (torch.randn(4, 8), torch.full((4, 8), float("nan")), r"keys contain NaN or inf"),
+    ],
+)
+def test_msf_rejected_call_leaves_the_bank_unchanged(query, target, match):
+    """MSF enqueues its targets before the search, so a bad call must be refused before the write."""
+    module = MSFLoss(8, 16, k=3, backend="streaming")
+    before = {name: buf.clone() for name, buf in module.bank.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        module(query, target)
+    for name, buf in module.bank.state_dict().items():
+        assert torch.equal(buf, before[name]), name
+
+
+@pytest.mark.parametrize("kwargs,match", [({"k": 17}, r"k must be an int in \[1, 16\]"), ({"backend": "x"}, "backend")])
+def test_msf_module_checks_its_settings_when_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MSFLoss(8, 16, **kwargs)

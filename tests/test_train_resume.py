@@ -145,3 +145,25 @@ def test_compiled_backbone_keeps_the_checkpoint_layout(tmp_path):
     compiled = Trainer(load_config("tiny_isd", [f"run.out_dir={tmp_path / 'b'}", "model.compile=true"]))
     assert list(compiled.state_dict()["method"]) == list(plain.state_dict()["method"])
     assert list(compiled.state_dict()["backbone"]) == list(plain.state_dict()["backbone"])
+
+
+def test_diverged_teacher_keys_stop_with_the_step_named(tmp_path):
+    """When the teacher diverges too, its NaN keys reach the bank's check inside the loss module before the trainer
+    sees the loss: the run still stops with the non-finite message naming the step, and the bank is unchanged."""
+    config = load_config("tiny_isd", [f"run.out_dir={tmp_path}", "run.checkpoint_every=1"])
+    trainer = Trainer(config)
+    real_teacher = trainer.method.teacher
+    bank_before = {}
+
+    def poisoned(x):
+        out = real_teacher(x)
+        if trainer.global_step == 2:
+            bank_before.update({k: v.clone() for k, v in trainer.method.criterion.bank.state_dict().items()})
+            return out * float("nan")
+        return out
+
+    trainer.method.teacher = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"non-finite teacher keys at step 2 .*step_000000002.pt"):
+        trainer.fit()
+    for name, value in trainer.method.criterion.bank.state_dict().items():
+        assert torch.equal(value, bank_before[name]), name

@@ -7,10 +7,11 @@ from torch import nn
 
 from fastssl.bank import MemoryBank
 from fastssl.functional.bank_topk import bank_topk
-from fastssl.functional.inputs import check_query_precision
+from fastssl.functional.inputs import check_embeddings, check_query_precision
 from fastssl.functional.msf import msf_loss
 from fastssl.functional.purity import mean_shift_purity
 from fastssl.losses.bank_owner import own_or_given_bank
+from fastssl.ops.backend import BACKENDS
 
 
 class MSFLoss(nn.Module):
@@ -46,10 +47,18 @@ class MSFLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=store_labels)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.bank.size:
+            raise ValueError(f"k must be an int in [1, {self.bank.size}] (the bank size), got {k!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.k, self.backend, self.query_precision = k, backend, check_query_precision(query_precision)
         self.last_purity: torch.Tensor | None = None
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        # The targets are enqueued before the search, so the inputs are checked first: a bad call leaves the bank as
+        # it was (the enqueue checks the targets' values and the labels itself).
+        check_embeddings("query", query)
+        check_embeddings("target", target, like=query, like_name="query")
         stored_labels = labels if self.bank.label_queue is not None else None
         self.bank.enqueue(target.detach(), stored_labels)
         # One search serves the loss and the purity monitor, as in the official code.

@@ -7,6 +7,11 @@ Tie-breaking: a stable descending sort keeps equal values in input order. The st
 exact top-k (torch.topk for the k-th value, then the lowest-indexed ties), keeps its running top-k sorted by
 (value desc, index asc), and appends each chunk's (all of whose indices are larger) before a stable sort, so the
 invariant holds after every merge and equals a stable sort of the full row.
+
+Non-finite similarities: every backend ranks NaN below every number, like the Triton kernel, which never selects a
+NaN (or -inf) score: a NaN bank row is never a neighbour while a row has k larger scores, and a NaN query gets NaN
+values. Where a row has fewer than k scores above -inf, the values of the missing neighbours are NaN or -inf and their
+indices are unspecified (they differ between backends).
 """
 
 from __future__ import annotations
@@ -18,8 +23,14 @@ from fastssl.ops.backend import accumulation_dtype, resolve_backend, triton_serv
 DEFAULT_CHUNK = 16384
 
 
+def _rank_key(values: torch.Tensor) -> torch.Tensor:
+    """What the backends rank by: the similarity, with NaN below every number (as in the Triton kernel, which never
+    selects a NaN score): a NaN bank row is no one's neighbour, and a NaN query's neighbours are all NaN."""
+    return torch.where(values.isnan(), float("-inf"), values)
+
+
 def _stable_topk(values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+    order = torch.sort(_rank_key(values), dim=1, descending=True, stable=True).indices[:, :k]
     return values.gather(1, order), indices.gather(1, order)
 
 
@@ -35,11 +46,13 @@ def _chunk_topk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     """Exact top-k of each row of ``sims`` (N, c) by (value desc, column asc), without sorting the whole row.
 
     torch.topk finds the k-th largest value v_k but may pick any of several columns equal to it; so keep every column
-    with value > v_k, then the lowest-indexed columns equal to v_k until each row has exactly k.
+    with value > v_k, then the lowest-indexed columns equal to v_k until each row has exactly k. Ranked by
+    :func:`_rank_key` (NaN as -inf), so NaN scores never fail the count below.
     """
-    kth = sims.topk(k, dim=1).values[:, -1:]  # (N, 1)
-    above = sims > kth
-    equal = sims == kth
+    key = _rank_key(sims)
+    kth = key.topk(k, dim=1).values[:, -1:]  # (N, 1)
+    above = key > kth
+    equal = key == kth
     needed = k - above.sum(dim=1, keepdim=True)
     keep = above | (equal & (equal.cumsum(dim=1) <= needed))
     columns = keep.nonzero()[:, 1].view(sims.shape[0], k)  # ascending column order within each row

@@ -14,12 +14,13 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 from torch import nn
 
+from fastssl.bank import NonFiniteKeysError
 from fastssl.collectives import agree, comm_device
 from fastssl.data import make_loader, resolve_views
 from fastssl.data.presets import RECIPES, get_views
@@ -301,16 +302,15 @@ class Trainer:
             self.method.momentum_update(m)
         views = [v.to(self.ctx.device, non_blocking=True) for v in batch["views"]]
         labels = batch["label"].to(self.ctx.device, non_blocking=True)
-        with self._autocast():
-            loss, metrics = self.model(views, labels, step)
-        loss_value = float(loss.detach())
         self._unsaved = True
+        try:
+            with self._autocast():
+                loss, metrics = self.model(views, labels, step)
+        except NonFiniteKeysError:  # the teacher diverged too: its keys reached the bank before the loss was seen
+            self._stop_non_finite("non-finite teacher keys", step)
+        loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
-            last = latest_checkpoint(self.checkpoint_dir)
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss_value}) at step {step} (epoch {self.epoch}, batch {self.step_in_epoch}); "
-                f"stopped without saving. Last good checkpoint: {last if last else 'none'}"
-            )
+            self._stop_non_finite(f"non-finite loss ({loss_value})", step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -318,6 +318,13 @@ class Trainer:
         if not self.method.ema_before_forward:
             self.method.momentum_update(m)
         return loss_value, {"lr": lr, "momentum": m, **metrics}
+
+    def _stop_non_finite(self, what: str, step: int) -> NoReturn:
+        last = latest_checkpoint(self.checkpoint_dir)
+        raise NonFiniteLossError(
+            f"{what} at step {step} (epoch {self.epoch}, batch {self.step_in_epoch}); stopped without saving. "
+            f"Last good checkpoint: {last if last else 'none'}"
+        )
 
     def fit(self) -> dict[str, Any]:
         run = self.config.run
