@@ -19,7 +19,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="fastssl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fastssl",
+        description="fastssl: memory-bank self-supervised learning. Pretrain with a recipe (train), evaluate a "
+        "checkpoint (eval), or compare the loss backends on random data (demo).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text)

@@ -87,6 +87,17 @@ def test_linear_cli_and_clear_errors(image_folder, checkpoint, tmp_path, capsys)
     argv_arch[argv_arch.index("--arch") + 1] = "resnet50"
     assert main(argv_arch) == 2
     assert "does not fit arch 'resnet50'" in capsys.readouterr().err
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("hello")
+    argv_file = [*argv, "--output", str(bad_out)]
+    argv_file[argv_file.index("--checkpoint") + 1] = str(not_a_checkpoint)
+    assert main(argv_file) == 2
+    assert "is not a loadable checkpoint" in capsys.readouterr().err
+    argv_no_arch = [a for i, a in enumerate(argv) if a != "--arch" and argv[i - 1] != "--arch"]
+    assert main([*argv_no_arch, "--output", str(bad_out)]) == 2  # a bare state_dict records no architecture
+    assert "pass --arch" in capsys.readouterr().err
+    assert main([*argv, "--output", str(tmp_path / "no" / "such" / "dir.json")]) == 2  # refused before any feature
+    assert "cannot write" in capsys.readouterr().err
     assert not bad_out.exists()
 
 

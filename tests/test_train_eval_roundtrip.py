@@ -17,8 +17,9 @@ def test_eval_cli_reproduces_the_trainers_final_knn(tmp_path):
     assert trained["tag"] == "trained"
     checkpoint = latest_checkpoint(tmp_path / "tiny_isd" / "checkpoints")  # loads with weights_only=True
     out = tmp_path / "eval.json"
-    argv = ["eval", "knn", "--checkpoint", str(checkpoint), "--arch", "digits_cnn_small", "--data", "digits"]
+    argv = ["eval", "knn", "--checkpoint", str(checkpoint), "--data", "digits"]  # the arch is the one it records
     assert main([*argv, "--k", "20", "--quiet", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["arch"] == "digits_cnn_small"
     evaluated = json.loads(out.read_text())["results"][0]
     assert (evaluated["k"], evaluated["vote"]) == (20, "weighted")
     assert evaluated["top1"] == trained["student"]

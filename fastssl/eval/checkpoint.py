@@ -86,21 +86,34 @@ def _match_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[st
     return best
 
 
-def load_backbone(path: str | os.PathLike, arch: str, *, device: torch.device | str = "cpu") -> nn.Module:
+def load_backbone(path: str | os.PathLike, arch: str | None, *, device: torch.device | str = "cpu") -> nn.Module:
     """Build ``arch`` and load the checkpoint's backbone weights into it (eval mode).
 
     Args:
         path: checkpoint file (``torch.save`` output).
-        arch: architecture name (see :func:`build_backbone`); CIFAR-stem ResNets are detected from conv1.
+        arch: architecture name (see :func:`build_backbone`); CIFAR-stem ResNets are detected from conv1. None: the
+            one a ``fastssl train`` checkpoint records in its config.
         device: where to put the model.
+
+    Returns:
+        The backbone, with the architecture name it was built as in ``arch_name``.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the checkpoint's weights do not fit the architecture (missing or mis-shaped tensors).
+        ValueError: not a loadable checkpoint, no architecture given or recorded, or weights that do not fit the
+            architecture (missing or mis-shaped tensors).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling, zip and runtime errors alike
+        raise ValueError(f"{path} is not a loadable checkpoint: {' '.join(str(error).split())[:200]}") from error
+    if arch is None:
+        config = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
+        arch = config.get("model", {}).get("arch") if isinstance(config, Mapping) else None
+        if not isinstance(arch, str):
+            raise ValueError(f"{path} does not record its architecture (not a fastssl train checkpoint): pass --arch")
     raw = extract_state_dict(checkpoint)
     model = build_backbone(arch)
     state = _match_prefix(raw, set(model.state_dict()))
@@ -124,4 +137,5 @@ def load_backbone(path: str | os.PathLike, arch: str, *, device: torch.device | 
     if unused:
         logger.info("ignoring %d checkpoint tensors not in the backbone (e.g. %s)", len(unused), unused[:3])
     model.load_state_dict({k: state[k] for k in expected})
+    model.arch_name = arch
     return model.to(device).eval()

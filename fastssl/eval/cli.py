@@ -56,7 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("model and data")
     g.add_argument("--checkpoint", required=True, type=Path, help="backbone checkpoint (state_dict or dict with one)")
-    g.add_argument("--arch", default="resnet50", help="backbone: resnet*, vit*, digits_cnn or a torchvision name")
+    g.add_argument(
+        "--arch",
+        default=None,
+        help="backbone: resnet*, vit*, digits_cnn* or a torchvision name (default: the one a fastssl train "
+        "checkpoint records)",
+    )
     g.add_argument("--data", required=True, help=f"ImageFolder root with train/ and val/, or '{DIGITS}'")
     g.add_argument("--train-dir", type=Path, default=None, help="train ImageFolder (default DATA/train)")
     g.add_argument("--val-dir", type=Path, default=None, help="evaluation ImageFolder (default DATA/val)")
@@ -123,6 +128,7 @@ def _features(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list[
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
     model = load_backbone(args.checkpoint, args.arch, device=device)
+    args.arch = model.arch_name  # as given, or as the checkpoint records it
     checkpoint_sha = checkpoint_fingerprint(args.checkpoint)
     train_set, val_set, train_paths = _datasets(args)
     splits = {}
@@ -251,6 +257,10 @@ def _run_linear(args: argparse.Namespace, info: dict[str, Any], train, val, trai
 def run(args: argparse.Namespace) -> int:
     """Run ``fastssl eval knn|linear``; returns the exit status (2 on bad input, with a one-line message)."""
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    output = args.output or args.checkpoint.with_name(f"{args.checkpoint.stem}.{args.task}.json")
+    if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):  # known before the features are computed
+        print(f"fastssl eval {args.task}: error: cannot write {output}: no writable folder", file=sys.stderr)
+        return 2
     try:
         info, train, val, train_paths = _features(args)
         if args.task == "knn":
@@ -260,7 +270,6 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
         print(f"fastssl eval {args.task}: error: {err}", file=sys.stderr)
         return 2
-    output = args.output or args.checkpoint.with_name(f"{args.checkpoint.stem}.{args.task}.json")
     _write_json(output, payload)
     print(table)
     print(f"wrote {output}")

@@ -63,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastssl train: {error}", file=sys.stderr)
         return 3
     table = knn_table(result["knn_history"])
-    if table:
-        print(
-            f"\n{result['name']}: {result['steps']} steps of {result['method']} in {result['train_seconds']:.0f} s "
-            f"({result['stop_reason']})\n{table}"
-        )
+    print(
+        f"\n{result['name']}: {result['steps']} steps of {result['method']} in {result['train_seconds']:.0f} s "
+        f"({result['stop_reason']})" + (f"\n{table}" if table else "")
+    )
+    print(f"outputs: {result['out_dir']} (metrics.json, scalars.csv, checkpoints/)")
     return 0

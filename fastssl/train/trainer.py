@@ -424,6 +424,7 @@ class Trainer:
             "last_loss": losses[-1] if losses else None,
             "losses": losses,
             "knn_history": self.knn_history,
+            "out_dir": str(self.out_dir),
         }
         if not self.ctx.is_main:
             return result
