@@ -160,3 +160,16 @@ def test_keys_on_another_device_rejected_meta():
 def test_bad_construction(kwargs, error):
     with pytest.raises(error):
         MemoryBank(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "dtype,scale", [(torch.float32, 1e30), (torch.float32, 1e19), (torch.float32, 1e-30), (torch.float64, 1e300)]
+)
+def test_keys_of_extreme_magnitude_keep_their_direction(dtype, scale):
+    """A row whose squared norm overflows or underflows the normalization's dtype is not stored as zeros: its
+    direction is kept (the 3-4-5 triangle gives exact expectations); ordinary rows are untouched by the rescale."""
+    bank = MemoryBank(4, 3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    keys = torch.tensor([[3.0, -4.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64) * scale
+    bank.enqueue(keys.to(dtype))
+    expected = torch.tensor([[0.6, -0.8, 0.0], [0.0, 0.0, 1.0]], dtype=bank.queue.dtype)
+    torch.testing.assert_close(bank.queue[:2], expected, rtol=1e-6, atol=0)
