@@ -83,3 +83,26 @@ def test_synthetic_and_image_folder_runs_get_a_knn_monitor(tmp_path):
     for result in (synthetic, folder):
         assert [entry["tag"] for entry in result["knn_history"]] == ["random init", "trained"]
         assert all(0.0 <= entry["student"] <= 1.0 for entry in result["knn_history"])
+
+
+def test_unbalanced_protocol_trains_on_the_subset_and_monitors_its_classes_balanced():
+    """ISD Table 4 on the digits: 2 large classes with all images, 3 small ones capped at 5, the other 5 classes
+    dropped; the kNN monitor uses every image of exactly those 5 classes, in both splits."""
+    import numpy as np
+
+    from fastssl.data import shifted_digits
+    from fastssl.train.datasets import monitor_classes, monitor_splits, training_source
+
+    config = load_config("tiny_isd", ["data.unbalanced_large=2", "data.unbalanced_small=3", "data.unbalanced_cap=5"])
+    source = training_source(config.data, seed=0)
+    counts = dict(zip(*np.unique(source.labels, return_counts=True), strict=True))
+    full = dict(zip(*np.unique(shifted_digits("train").labels, return_counts=True), strict=True))
+    assert len(counts) == 5 and sorted(counts.values())[:3] == [5, 5, 5]
+    assert sum(counts[c] == full[c] for c in counts) == 2  # the two large classes keep all their images
+    classes = monitor_classes(config.data, source)
+    assert classes == sorted(counts)
+    train, test = monitor_splits(config.data, seed=0, mean=(0.5,) * 3, std=(0.5,) * 3, image_size=16, classes=classes)
+    assert len(train) == sum(full[c] for c in classes)  # balanced: every image of the chosen classes
+    assert {int(test[i][1]) for i in range(len(test))} == set(classes)
+    with pytest.raises(ConfigError, match="data.unbalanced_small: needs data.unbalanced_large"):
+        load_config("tiny_isd", ["data.unbalanced_small=3"])

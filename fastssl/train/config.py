@@ -35,7 +35,8 @@ class DataConfig:
     num_workers: int | None = 0
     eval_path: str | None = None  # ImageFolder root for the kNN monitor's test split (imagefolder)
     unbalanced_large: int | None = None  # ISD Table 4: this many classes keep all their images ...
-    unbalanced_cap: int | None = None  # ... the others are capped at this many images per class
+    unbalanced_cap: int | None = None  # ... the others are capped at this many images per class ...
+    unbalanced_small: int | None = None  # ... this many random other classes (ISD: 8 large + 30 small); None = all
     channels_last: bool = False
 
 
@@ -356,7 +357,13 @@ def validate(config: TrainConfig) -> None:
     for key, value in non_negative.items():
         if not 0 <= value < float("inf"):  # also rejects NaN
             raise ConfigError(f"{key}: must be ≥ 0 and finite, got {value}")
-    for key in ("data.num_workers", "data.unbalanced_large", "data.unbalanced_cap", "run.threads"):
+    for key in (
+        "data.num_workers",
+        "data.unbalanced_large",
+        "data.unbalanced_cap",
+        "data.unbalanced_small",
+        "run.threads",
+    ):
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         minimum = 0 if key == "data.num_workers" else 1
@@ -426,6 +433,8 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"data.eval_path: {config.data.eval_path!r} is not a directory")
     if (config.data.unbalanced_large is None) != (config.data.unbalanced_cap is None):
         raise ConfigError("data.unbalanced_large and data.unbalanced_cap must be set together (ISD Table 4)")
+    if config.data.unbalanced_small is not None and config.data.unbalanced_large is None:
+        raise ConfigError("data.unbalanced_small: needs data.unbalanced_large and data.unbalanced_cap (ISD Table 4)")
     if config.model.layer_projector and config.method.name != "sdssl":
         raise ConfigError(f"model.layer_projector: only SDSSL has per-block projectors, not {config.method.name}")
     if config.model.layer_projector and config.model.layer_projector[-1] != (config.model.projector or [None])[-1]:

@@ -27,7 +27,7 @@ from fastssl.data.presets import RECIPES, get_views
 from fastssl.train.bank_shards import gather_bank_shards, restore_bank_shards
 from fastssl.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from fastssl.train.config import ConfigError, TrainConfig
-from fastssl.train.datasets import monitor_splits, training_source
+from fastssl.train.datasets import monitor_classes, monitor_splits, training_source
 from fastssl.train.distributed import DistContext, setup_distributed, teardown_distributed
 from fastssl.train.methods import Method, build_method
 from fastssl.train.optim import build_optimizer, lr_at, momentum_at, scaled_lr
@@ -163,7 +163,14 @@ class Trainer:
         self._unsaved = True  # state changed since the last checkpoint (or there is none yet)
         self.knn_history: list[dict[str, Any]] = []
         mean, std = views[0].mean, views[0].std
-        self.monitor = monitor_splits(config.data, seed=run.seed, mean=mean, std=std, image_size=views[0].size)
+        self.monitor = monitor_splits(
+            config.data,
+            seed=run.seed,
+            mean=mean,
+            std=std,
+            image_size=views[0].size,
+            classes=monitor_classes(config.data, source),
+        )
 
     def _prepare_run_dir(self) -> None:
         """A fresh run (no ``run.resume``) never mixes with an earlier run in its directory, whose newer checkpoints
