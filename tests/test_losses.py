@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fastssl import MemoryBank
 from fastssl.functional import byol_loss, isd_loss, moco_loss, msf_loss, nnclr_loss, ressl_loss
-from fastssl.losses import BYOLLoss, ISDLoss, MoCoLoss, MSFLoss, NNCLRLoss, ReSSLLoss
+from fastssl.losses import BYOLLoss, ISDLoss, MoCoLoss, MSFLoss, NNCLRLoss, ReSSLLoss, SDSSLLoss
 
 
 def batch(seed, n=6, d=16):
@@ -191,3 +191,22 @@ def test_msf_rejected_call_leaves_the_bank_unchanged(query, target, match):
 def test_msf_module_checks_its_settings_when_built(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MSFLoss(8, 16, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: ISDLoss(8, 16, tau_teacher=0.0), "tau_teacher must be a positive finite temperature"),
+        (lambda: ISDLoss(8, 16, backend="cuda"), "backend must be one of"),
+        (lambda: MoCoLoss(8, 16, tau=float("nan")), "tau must be a positive finite temperature"),
+        (lambda: ReSSLLoss(8, 16, tau_infonce=-1.0), "tau_infonce must be a positive finite temperature"),
+        (lambda: ReSSLLoss(8, 16, warmup_steps=-3), "warmup_steps must be >= 0"),
+        (lambda: NNCLRLoss(8, 16, backend="fast"), "backend must be one of"),
+        (lambda: SDSSLLoss(10, 1.0, method="simclr"), "method must be one of"),
+        (lambda: SDSSLLoss(10, float("nan")), "ratio"),
+    ],
+)
+def test_modules_check_their_settings_when_built(build, match):
+    """A bad temperature, backend or schedule fails when the module is built, not at its first forward."""
+    with pytest.raises(ValueError, match=match):
+        build()

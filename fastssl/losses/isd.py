@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from fastssl.bank import MemoryBank
-from fastssl.functional.inputs import check_query_precision
+from fastssl.functional.inputs import check_query_precision, check_temperature
 from fastssl.functional.isd import isd_loss
 from fastssl.losses.bank_owner import own_or_given_bank
+from fastssl.ops.backend import check_backend
 
 
 class ISDLoss(nn.Module):
@@ -43,7 +44,9 @@ class ISDLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=False)
-        self.tau_student, self.tau_teacher, self.backend = tau_student, tau_teacher, backend
+        self.tau_student = check_temperature("tau_student", tau_student)
+        self.tau_teacher = check_temperature("tau_teacher", tau_teacher)
+        self.backend = check_backend(backend)
         self.query_precision = check_query_precision(query_precision)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from fastssl.bank import MemoryBank
-from fastssl.functional.inputs import check_query_precision
+from fastssl.functional.inputs import check_query_precision, check_temperature
 from fastssl.functional.moco import moco_loss
 from fastssl.losses.bank_owner import own_or_given_bank
+from fastssl.ops.backend import check_backend
 
 
 class MoCoLoss(nn.Module):
@@ -41,7 +42,8 @@ class MoCoLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=False)
-        self.tau, self.backend, self.query_precision = tau, backend, check_query_precision(query_precision)
+        self.tau, self.backend = check_temperature("tau", tau), check_backend(backend)
+        self.query_precision = check_query_precision(query_precision)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         loss = moco_loss(query, key, self.bank, self.tau, backend=self.backend, query_precision=self.query_precision)

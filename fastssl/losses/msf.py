@@ -11,7 +11,7 @@ from fastssl.functional.inputs import check_embeddings, check_query_precision
 from fastssl.functional.msf import msf_loss
 from fastssl.functional.purity import mean_shift_purity
 from fastssl.losses.bank_owner import own_or_given_bank
-from fastssl.ops.backend import BACKENDS
+from fastssl.ops.backend import check_backend
 
 
 class MSFLoss(nn.Module):
@@ -49,9 +49,7 @@ class MSFLoss(nn.Module):
         self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=store_labels)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.bank.size:
             raise ValueError(f"k must be an int in [1, {self.bank.size}] (the bank size), got {k!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.k, self.backend, self.query_precision = k, backend, check_query_precision(query_precision)
+        self.k, self.backend, self.query_precision = k, check_backend(backend), check_query_precision(query_precision)
         self.last_purity: torch.Tensor | None = None
 
     def forward(self, query: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from fastssl.bank import MemoryBank
+from fastssl.functional.inputs import check_temperature
 from fastssl.functional.nnclr import nnclr_loss
 from fastssl.losses.bank_owner import own_or_given_bank
+from fastssl.ops.backend import check_backend
 
 
 class NNCLRLoss(nn.Module):
@@ -38,7 +40,7 @@ class NNCLRLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=False)
-        self.tau, self.backend = tau, backend
+        self.tau, self.backend = check_temperature("tau", tau), check_backend(backend)
 
     def forward(
         self,

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from fastssl.bank import MemoryBank
-from fastssl.functional.inputs import check_query_precision
+from fastssl.functional.inputs import check_query_precision, check_temperature
 from fastssl.functional.moco import moco_loss
 from fastssl.functional.ressl import ressl_loss
 from fastssl.losses.bank_owner import own_or_given_bank
+from fastssl.ops.backend import check_backend
 
 
 class ReSSLLoss(nn.Module):
@@ -57,8 +58,10 @@ class ReSSLLoss(nn.Module):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.bank = own_or_given_bank(bank, dim, bank_size, dtype=bank_dtype, init="random", store_labels=False)
-        self.tau_student, self.tau_teacher, self.tau_infonce = tau_student, tau_teacher, tau_infonce
-        self.warmup_steps, self.backend = warmup_steps, backend
+        self.tau_student = check_temperature("tau_student", tau_student)
+        self.tau_teacher = check_temperature("tau_teacher", tau_teacher)
+        self.tau_infonce = check_temperature("tau_infonce", tau_infonce)
+        self.warmup_steps, self.backend = warmup_steps, check_backend(backend)
         self.query_precision = check_query_precision(query_precision)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         # Host copy of ``step``: reading the buffer would wait for the GPU every call. Set the step through

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastssl.functional.sdssl import sdssl_alpha, sdssl_loss
+from fastssl.functional.inputs import check_temperature
+from fastssl.functional.sdssl import SDSSL_METHODS, sdssl_alpha, sdssl_loss
 
 
 class SDSSLLoss(nn.Module):
@@ -24,7 +25,11 @@ class SDSSLLoss(nn.Module):
 
     def __init__(self, total_steps: int, ratio: float, *, tau: float = 0.2, method: str = "mocov3") -> None:
         super().__init__()
-        self.total_steps, self.ratio, self.tau, self.method = total_steps, ratio, tau, method
+        if method not in SDSSL_METHODS:
+            raise ValueError(f"method must be one of {SDSSL_METHODS}, got {method!r}")
+        if not 0 <= ratio < float("inf"):
+            raise ValueError(f"ratio (the final α) must be ≥ 0 and finite, got {ratio}")
+        self.total_steps, self.ratio, self.tau, self.method = total_steps, ratio, check_temperature("tau", tau), method
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def forward(

@@ -43,6 +43,13 @@ def triton_serves(bank: torch.Tensor, *, k: int | None = None) -> bool:
     return dim <= max_dim and (k is None or k <= TRITON_MAX_K)
 
 
+def check_backend(backend: str) -> str:
+    """``backend`` must name one of :data:`BACKENDS` (checked where a loss module is built); returns it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, *tensors: torch.Tensor, triton_ok: bool = True) -> str:
     """Turns a user's ``backend`` argument into the concrete backend for these tensors.
 
@@ -58,8 +65,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, triton_ok: bool = True
         ValueError: unknown backend name.
         RuntimeError: ``"triton"`` was asked for but cannot run here.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     on_cuda = any(t.is_cuda for t in tensors)
     if backend == "auto":
         return "triton" if on_cuda and triton_ok and triton_available() else "streaming"
