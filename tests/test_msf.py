@@ -93,3 +93,17 @@ def test_purity_counts_self_match_and_label_agreement():
 def test_purity_needs_labels():
     with pytest.raises(ValueError, match="store_labels"):
         mean_shift_purity(torch.randn(2, 4), torch.zeros(2, dtype=torch.long), MemoryBank(5, 4), k=1)
+
+
+@pytest.mark.parametrize(
+    "labels,bank_labels,match",
+    [
+        (torch.zeros(2), torch.zeros(5, dtype=torch.long), "labels must be integers, got torch.float32"),
+        ([0, 1], torch.zeros(5, dtype=torch.long), "labels must be a torch.Tensor"),
+        (torch.zeros(2, dtype=torch.long), torch.zeros(5, dtype=torch.bool), "bank_labels must be integers"),
+    ],
+)
+def test_purity_rejects_labels_that_are_not_integer_tensors(labels, bank_labels, match):
+    bank = F.normalize(torch.randn(5, 4), dim=1)
+    with pytest.raises(TypeError, match=match):
+        mean_shift_purity(torch.randn(2, 4), labels, bank, k=1, bank_labels=bank_labels)

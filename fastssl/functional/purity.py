@@ -41,6 +41,11 @@ def mean_shift_purity(
         if not isinstance(bank, MemoryBank) or bank.labels is None:
             raise ValueError("mean_shift_purity needs bank_labels, or a MemoryBank built with store_labels=True")
         bank_labels = bank.labels
+    for name, value in (("labels", labels), ("bank_labels", bank_labels)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of integer labels, got {type(value).__name__}")
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be integers, got {value.dtype}")
     if labels.shape != (target.shape[0],):
         raise ValueError(f"labels must have shape ({target.shape[0]},), got {tuple(labels.shape)}")
     rows = bank.keys if isinstance(bank, MemoryBank) else bank
