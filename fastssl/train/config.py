@@ -319,42 +319,50 @@ SHARDABLE_METHODS = ("isd", "ressl", "mocov2")
 QUERY_PRECISION_METHODS = ("isd", "ressl", "mocov2", "msf")  # the methods whose bank ops take query_precision
 
 
+POSITIVE_KEYS = (
+    "data.batch_size",
+    "method.bank_size",
+    "method.tau",
+    "method.tau_student",
+    "method.tau_teacher",
+    "method.k",
+    "optim.lr",
+    "optim.base_batch",
+    "optim.gamma",
+    "run.epochs",
+    "run.keep_last",
+    "run.knn_k",
+    "run.log_every",
+)
+NON_NEGATIVE_KEYS = (
+    "method.warmup_steps",
+    "method.warmup_epochs",
+    "method.sdssl_ratio",
+    "optim.warmup_steps",
+    "optim.warmup_epochs",
+    "optim.weight_decay",
+    "run.checkpoint_every",
+    "run.knn_every",
+)
+
+
+def _value(config: TrainConfig, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
+
+
 def validate(config: TrainConfig) -> None:
     """Range and consistency checks that need more than a type."""
     for dotted, choices in CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(config, section), key)
+        value = _value(config, dotted)
         if value not in choices:
             raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {value!r}")
-    positive = {
-        "data.batch_size": config.data.batch_size,
-        "method.bank_size": config.method.bank_size,
-        "method.tau": config.method.tau,
-        "method.tau_student": config.method.tau_student,
-        "method.tau_teacher": config.method.tau_teacher,
-        "method.k": config.method.k,
-        "optim.lr": config.optim.lr,
-        "optim.base_batch": config.optim.base_batch,
-        "run.epochs": config.run.epochs,
-        "run.keep_last": config.run.keep_last,
-        "run.knn_k": config.run.knn_k,
-        "run.log_every": config.run.log_every,
-        "optim.gamma": config.optim.gamma,
-    }
-    for key, value in positive.items():
+    for key in POSITIVE_KEYS:
+        value = _value(config, key)
         if not 0 < value < float("inf"):
             raise ConfigError(f"{key}: must be positive and finite, got {value}")
-    non_negative = {
-        "method.warmup_steps": config.method.warmup_steps,
-        "method.warmup_epochs": config.method.warmup_epochs,
-        "method.sdssl_ratio": config.method.sdssl_ratio,
-        "optim.warmup_steps": config.optim.warmup_steps,
-        "optim.warmup_epochs": config.optim.warmup_epochs,
-        "optim.weight_decay": config.optim.weight_decay,
-        "run.checkpoint_every": config.run.checkpoint_every,
-        "run.knn_every": config.run.knn_every,
-    }
-    for key, value in non_negative.items():
+    for key in NON_NEGATIVE_KEYS:
+        value = _value(config, key)
         if not 0 <= value < float("inf"):  # also rejects NaN
             raise ConfigError(f"{key}: must be ≥ 0 and finite, got {value}")
     for key in (
@@ -364,8 +372,7 @@ def validate(config: TrainConfig) -> None:
         "data.unbalanced_small",
         "run.threads",
     ):
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
+        value = _value(config, key)
         minimum = 0 if key == "data.num_workers" else 1
         if value is not None and value < minimum:
             raise ConfigError(f"{key}: must be ≥ {minimum} when set, got {value}")
