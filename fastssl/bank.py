@@ -23,6 +23,20 @@ class NonFiniteKeysError(ValueError):
     """``MemoryBank.enqueue`` got NaN or inf keys (a diverged model, typically); the bank is unchanged."""
 
 
+def _norm_safe(keys: torch.Tensor) -> torch.Tensor:
+    """``keys`` (B, D) with each row whose norm F.normalize cannot take divided by its largest |entry| first.
+
+    A row overflows when D·max² exceeds the dtype's largest value (its norm is inf, so it would be stored as zeros)
+    and is shortened when its norm is below F.normalize's eps = 1e-12 (the norm is at least the largest entry, so
+    rows whose largest entry is ≥ 1e-12 are safe). Other rows are returned bit for bit, so they are normalized exactly
+    as the losses normalize their embeddings. No device read: the choice is made per row on the device.
+    """
+    largest = keys.abs().amax(dim=1, keepdim=True)
+    high = math.sqrt(torch.finfo(keys.dtype).max / max(1, keys.shape[1])) / 2
+    unsafe = (largest > high) | (largest < 1e-12)
+    return torch.where(unsafe, keys / largest, keys)
+
+
 class MemoryBank(nn.Module):
     """FIFO ring buffer of ``size`` unit-norm keys of dimension ``dim``.
 
@@ -128,7 +142,6 @@ class MemoryBank(nn.Module):
     def _check(self, keys: torch.Tensor, labels: torch.Tensor | None) -> tuple[type[Exception], str] | None:
         """The first problem with this batch as (exception type, message), or None. Never raises, so ranks can agree
         before anyone raises."""
-        self._rescale_keys = False
         if not isinstance(keys, torch.Tensor):
             return TypeError, f"keys must be a torch.Tensor, got {type(keys).__name__}"
         if keys.dim() != 2:
@@ -161,10 +174,6 @@ class MemoryBank(nn.Module):
                 return NonFiniteKeysError, "keys contain NaN or inf"
             if smallest == 0:
                 return ValueError, "keys contain an all-zero row, which has no direction to normalize"
-            # Rows whose squared norm would overflow or underflow in the normalization's dtype (it would store them
-            # as zeros) are first divided by their largest entry; ordinary rows are normalized exactly as the losses do.
-            limit = 2.0 ** (480 if keys.dtype == torch.float64 else 60)
-            self._rescale_keys = largest > limit or smallest < 1 / limit
         if labels is not None:
             if self.label_queue is None:
                 return ValueError, "labels were given but the bank was built with store_labels=False"
@@ -202,10 +211,7 @@ class MemoryBank(nn.Module):
             raise error(f"MemoryBank.enqueue: {message}")
         # Normalize in at least fp32 (fp64 keys stay fp64), so a key stored in its own precision is bitwise the
         # normalized key the losses compute: MSF with k=1 then equals BYOL exactly.
-        keys = keys.detach().to(torch.promote_types(keys.dtype, torch.float32))
-        if self._rescale_keys:
-            keys = keys / keys.abs().amax(dim=1, keepdim=True)
-        keys = F.normalize(keys, dim=1)
+        keys = F.normalize(_norm_safe(keys.detach().to(torch.promote_types(keys.dtype, torch.float32))), dim=1)
         keys = keys.to(self.queue.dtype)
         if self.label_queue is not None:
             labels = (

@@ -163,13 +163,28 @@ def test_bad_construction(kwargs, error):
 
 
 @pytest.mark.parametrize(
-    "dtype,scale", [(torch.float32, 1e30), (torch.float32, 1e19), (torch.float32, 1e-30), (torch.float64, 1e300)]
+    "dtype,scale,width",
+    [
+        (torch.float32, 1e30, 3),
+        (torch.float32, 1e19, 3),
+        (torch.float32, 2.0**59, 1024),  # D·max² overflows fp32 although max² does not
+        (torch.float32, 1e-30, 3),
+        (torch.float32, 1e-13, 3),  # a norm under F.normalize's eps would come out shorter than 1
+        (torch.float64, 1e300, 3),
+    ],
 )
-def test_keys_of_extreme_magnitude_keep_their_direction(dtype, scale):
-    """A row whose squared norm overflows or underflows the normalization's dtype is not stored as zeros: its
-    direction is kept (the 3-4-5 triangle gives exact expectations); ordinary rows are untouched by the rescale."""
-    bank = MemoryBank(4, 3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    keys = torch.tensor([[3.0, -4.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64) * scale
-    bank.enqueue(keys.to(dtype))
-    expected = torch.tensor([[0.6, -0.8, 0.0], [0.0, 0.0, 1.0]], dtype=bank.queue.dtype)
-    torch.testing.assert_close(bank.queue[:2], expected, rtol=1e-6, atol=0)
+def test_keys_of_extreme_magnitude_keep_their_direction(dtype, scale, width):
+    """A row whose norm F.normalize cannot take (an overflowing squared norm, or one below its eps) keeps its direction
+    and unit length (the 3-4-5 triangle gives exact expectations); an ordinary row in the same batch is normalized
+    bit for bit as F.normalize does, like the losses' embeddings."""
+    bank = MemoryBank(4, width, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    if width == 3:
+        extreme = torch.tensor([3.0, -4.0, 0.0], dtype=torch.float64)
+    else:
+        extreme = torch.ones(width, dtype=torch.float64)
+    ordinary = torch.randn(width, dtype=torch.float64)
+    keys = torch.stack([extreme * scale, ordinary]).to(dtype)
+    bank.enqueue(keys)
+    expected = extreme / extreme.norm()
+    torch.testing.assert_close(bank.queue[0], expected.to(bank.queue.dtype), rtol=1e-6, atol=1e-7)
+    assert torch.equal(bank.queue[1], F.normalize(ordinary.to(dtype)[None], dim=1)[0].to(bank.queue.dtype))

@@ -150,6 +150,9 @@ def test_batch_size_is_global_and_checked_against_the_launch(monkeypatch):
     with pytest.raises(ConfigError, match="each rank's shard of 4 rows cannot take the 8 keys"):
         load_config("tiny_mocov2", ["method.shard_bank=true", "method.bank_size=16"])
     assert load_config("tiny_mocov2", ["method.shard_bank=true", "method.bank_size=32"]).method.bank_size == 32
+    monkeypatch.delenv("WORLD_SIZE")
+    for bankless in ("tiny_byol", "tiny_sdssl"):  # no bank, so no bank size to fit the batch into
+        assert load_config(bankless, ["data.batch_size=8192", "method.bank_size=256"]).data.batch_size == 8192
 
 
 def test_sdssl_recipes_follow_the_paper_heads_and_vit(tmp_path):

@@ -316,6 +316,7 @@ def _check_views(views: str | list[str]) -> None:
 
 # Methods whose loss is a softmax over the bank, so per-rank (LSE, μ) partials merge exactly (sharded-bank mode).
 SHARDABLE_METHODS = ("isd", "ressl", "mocov2")
+BANK_METHODS = ("mocov2", "isd", "msf", "ressl", "nnclr")  # the methods with a memory bank (BYOL and SDSSL have none)
 QUERY_PRECISION_METHODS = ("isd", "ressl", "mocov2", "msf")  # the methods whose bank ops take query_precision
 
 
@@ -402,11 +403,11 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"data.batch_size: the global batch {config.data.batch_size} does not split evenly over {world} ranks"
         )
-    # Every method enqueues one key per image of the global batch (into the whole bank, or its own per-rank shard).
+    # Every bank method enqueues one key per image of the global batch (into the whole bank, or its own shard).
     sharded = config.method.shard_bank and world > 1
     rows = -(-config.method.bank_size // world) if sharded else config.method.bank_size
     keys_per_step = config.data.batch_size // world if sharded else config.data.batch_size
-    if keys_per_step > rows:
+    if config.method.name in BANK_METHODS and keys_per_step > rows:
         where = f"each rank's shard of {rows} rows" if sharded else f"{rows} rows"
         raise ConfigError(
             f"method.bank_size: {where} cannot take the {keys_per_step} keys enqueued per step "
