@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastssl.collectives import agree, all_gather_rows, comm_device, distributed_world
+from fastssl.collectives import all_gather_rows, comm_device, distributed_world, worst
 
 INITS = ("random", "empty")
 
@@ -244,9 +244,14 @@ class MemoryBank(nn.Module):
     def _agree_on_problem(
         self, problem: tuple[type[Exception], str] | None, keys: torch.Tensor
     ) -> tuple[type[Exception], str] | None:
-        """All ranks learn whether any rank's batch is bad, so none blocks in the all-gather that follows."""
-        if not agree(problem is None, comm_device(self.queue)) and problem is None:
-            return ValueError, "another rank passed an invalid batch (see its error)"
+        """All ranks learn whether any rank's batch is bad, so none blocks in the all-gather that follows; a rank whose
+        own batch was fine raises the same error type as the worst rank (non-finite keys stop training everywhere
+        with the trainer's non-finite message)."""
+        severity = [None, ValueError, NonFiniteKeysError]
+        code = 0 if problem is None else (2 if problem[0] is NonFiniteKeysError else 1)
+        agreed = worst(code, comm_device(self.queue))
+        if problem is None and agreed:
+            return severity[agreed], "another rank passed an invalid batch (see its error)"
         return problem
 
     def _all_gather(self, keys: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

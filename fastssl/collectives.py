@@ -43,3 +43,10 @@ def agree(ok: bool, device: torch.device) -> bool:
     flag = torch.tensor([0 if ok else 1], device=device)
     dist.all_reduce(flag)
     return int(flag) == 0
+
+
+def worst(code: int, device: torch.device) -> int:
+    """The largest of every rank's ``code`` (one all-reduce): every rank learns the most severe of their outcomes."""
+    flag = torch.tensor([code], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)

@@ -96,7 +96,9 @@ def test_linear_cli_and_clear_errors(image_folder, checkpoint, tmp_path, capsys)
     argv_no_arch = [a for i, a in enumerate(argv) if a != "--arch" and argv[i - 1] != "--arch"]
     assert main([*argv_no_arch, "--output", str(bad_out)]) == 2  # a bare state_dict records no architecture
     assert "pass --arch" in capsys.readouterr().err
-    assert main([*argv, "--output", str(tmp_path / "no" / "such" / "dir.json")]) == 2  # refused before any feature
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main([*argv, "--output", str(blocker / "sub" / "r.json")]) == 2  # refused before any feature
     assert "cannot write" in capsys.readouterr().err
     assert not bad_out.exists()
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ports import free_port
 
 from fastssl import MemoryBank
+from fastssl.bank import NonFiniteKeysError
 
 WORLD = 2
 
@@ -38,7 +39,18 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         except ValueError as error:
             raised = str(error)
         unchanged = torch.equal(bank.queue, before)
-        torch.save({"state": bank.state_dict(), "raised": raised, "unchanged": unchanged}, f"{out_dir}/rank{rank}.pt")
+        # NaN keys on rank 1 only (a diverged model): every rank raises the non-finite error type the trainer catches.
+        diverged = torch.full((2, 4), float("nan")) if rank == 1 else torch.randn(2, 4)
+        try:
+            bank.enqueue(diverged)
+            non_finite = ""
+        except NonFiniteKeysError as error:
+            non_finite = type(error).__name__
+        unchanged = unchanged and torch.equal(bank.queue, before)
+        torch.save(
+            {"state": bank.state_dict(), "raised": raised, "unchanged": unchanged, "non_finite": non_finite},
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -63,3 +75,4 @@ def test_two_rank_banks_are_identical_and_fifo_in_rank_order(tmp_path):
     assert "dim 5" in results[1]["raised"]
     assert "another rank" in results[0]["raised"]
     assert results[0]["unchanged"] and results[1]["unchanged"]
+    assert [r["non_finite"] for r in results] == ["NonFiniteKeysError"] * 2

@@ -16,7 +16,7 @@ def test_eval_cli_reproduces_the_trainers_final_knn(tmp_path):
     trained = result["knn_history"][-1]
     assert trained["tag"] == "trained"
     checkpoint = latest_checkpoint(tmp_path / "tiny_isd" / "checkpoints")  # loads with weights_only=True
-    out = tmp_path / "eval.json"
+    out = tmp_path / "results" / "new" / "eval.json"  # missing folders are created
     argv = ["eval", "knn", "--checkpoint", str(checkpoint), "--data", "digits"]  # the arch is the one it records
     assert main([*argv, "--k", "20", "--quiet", "--output", str(out)]) == 0
     assert json.loads(out.read_text())["arch"] == "digits_cnn_small"

@@ -129,6 +129,43 @@ def test_each_state_is_checkpointed_once(tmp_path, monkeypatch):
     assert last["knn_history"] == first["knn_history"]
     again = Trainer(load_config("tiny_isd", [*overrides, "run.resume=auto"])).fit()
     assert writes == [2, 4] and again["knn_history"] == first["knn_history"]
+    # an epoch end (tiny_isd: 42 steps per epoch) that is also a checkpoint_every step is written once
+    writes.clear()
+    epoch_end = [f"run.out_dir={tmp_path / 'epochs'}", "run.epochs=2", "run.max_steps=50", "run.checkpoint_every=42"]
+    Trainer(load_config("tiny_isd", epoch_end)).fit()
+    assert writes == [42, 50]
+
+
+def test_evaluation_after_the_last_checkpoint_is_checkpointed(tmp_path):
+    """A finished run resumed with the kNN monitor switched on evaluates once and checkpoints that evaluation."""
+    common = [f"run.out_dir={tmp_path}", "run.max_steps=2", "run.checkpoint_every=1", "run.keep_last=5"]
+    Trainer(load_config("tiny_isd", common)).fit()
+    resumed = Trainer(load_config("tiny_isd", [*common, "run.resume=auto", "run.knn_monitor=true"])).fit()
+    assert [entry["tag"] for entry in resumed["knn_history"]] == ["trained"]
+    last = load_checkpoint(latest_checkpoint(tmp_path / "tiny_isd" / "checkpoints"))
+    assert last["knn_history"] == resumed["knn_history"]
+
+
+def test_a_checkpoint_holds_the_evaluation_logged_at_its_step(tmp_path):
+    """kNN evaluations run before the checkpoint of the same step, so a run resumed from it neither repeats nor loses
+    one: its kNN history and kNN scalars equal the uninterrupted run's."""
+    import csv
+
+    common = ["run.max_steps=6", "run.checkpoint_every=2", "run.knn_every=2", "run.keep_last=9", "run.knn_monitor=true"]
+    full = run(tmp_path / "full", "tiny_msf", *common)
+    run(tmp_path / "crash", "tiny_msf", *common)
+    directory = tmp_path / "crash" / "tiny_msf" / "checkpoints"
+    for path in list_checkpoints(directory)[2:]:  # the "crash": only the step-2 and step-4 checkpoints remain
+        path.unlink()
+    assert [e["step"] for e in load_checkpoint(directory / "step_000000004.pt")["knn_history"]] == [0, 2, 4]
+    resumed = run(tmp_path / "crash", "tiny_msf", *common, "run.resume=auto")
+    assert resumed["knn_history"] == full["knn_history"]
+
+    def knn_rows(root):
+        with (root / "tiny_msf" / "scalars.csv").open() as f:
+            return [(r["step"], r["name"], r["value"]) for r in csv.DictReader(f) if r["name"].startswith("knn/")]
+
+    assert knn_rows(tmp_path / "crash") == knn_rows(tmp_path / "full")
 
 
 def test_a_killed_write_leaves_no_temp_file_for_long(tmp_path):

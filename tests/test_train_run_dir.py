@@ -106,3 +106,30 @@ def test_unbalanced_protocol_trains_on_the_subset_and_monitors_its_classes_balan
     assert {int(test[i][1]) for i in range(len(test))} == set(classes)
     with pytest.raises(ConfigError, match="data.unbalanced_small: needs data.unbalanced_large"):
         load_config("tiny_isd", ["data.unbalanced_small=3"])
+
+
+def test_a_programming_error_in_the_build_is_not_reported_as_a_config_error(tmp_path, monkeypatch):
+    """Only the model's own setting checks (messages naming a model./method. key) become config errors."""
+    import fastssl.train.trainer as trainer_module
+
+    def broken(config):
+        x, y = (1, 2, 3)  # noqa: F841 - a bug, not a bad setting
+
+    monkeypatch.setattr(trainer_module, "build_method", broken)
+    with pytest.raises(ValueError, match="too many values to unpack") as info:
+        trainer(tmp_path)
+    assert not isinstance(info.value, ConfigError)
+
+
+def test_resuming_an_older_checkpoint_refuses_newer_ones_unless_overwrite(tmp_path):
+    """Going back to step 2 of a run that reached step 6 would leave steps 4 and 6 to outlive the new run's own
+    checkpoints under keep_last: refused, or with run.overwrite the newer ones are deleted and the run goes on."""
+    trainer(tmp_path, "run.max_steps=6", "run.checkpoint_every=2", "run.keep_last=9").fit()
+    directory = tmp_path / "tiny_isd" / "checkpoints"
+    older = directory / "step_000000002.pt"
+    with pytest.raises(ConfigError, match=r"holds newer checkpoints \(step_000000004.pt, step_000000006.pt\)"):
+        trainer(tmp_path, "run.max_steps=5", f"run.resume={older}").fit()
+    assert [p.name for p in list_checkpoints(directory)] == [f"step_00000000{s}.pt" for s in (2, 4, 6)]
+    result = trainer(tmp_path, "run.max_steps=5", "run.keep_last=1", f"run.resume={older}", "run.overwrite=true").fit()
+    assert result["steps"] == 5
+    assert [p.name for p in list_checkpoints(directory)] == ["step_000000005.pt"]

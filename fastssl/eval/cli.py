@@ -258,8 +258,13 @@ def run(args: argparse.Namespace) -> int:
     """Run ``fastssl eval knn|linear``; returns the exit status (2 on bad input, with a one-line message)."""
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     output = args.output or args.checkpoint.with_name(f"{args.checkpoint.stem}.{args.task}.json")
-    if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):  # known before the features are computed
-        print(f"fastssl eval {args.task}: error: cannot write {output}: no writable folder", file=sys.stderr)
+    existing = next((folder for folder in output.absolute().parents if folder.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        # known before the features are computed (the missing folders are created when the result is written)
+        print(
+            f"fastssl eval {args.task}: error: cannot write {output}: {existing} is not a writable folder",
+            file=sys.stderr,
+        )
         return 2
     try:
         info, train, val, train_paths = _features(args)

@@ -23,6 +23,14 @@ def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
     return Path(directory) / f"step_{step:09d}.pt"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step in a checkpoint's file name (``step_<step>.pt``)."""
+    match = PATTERN.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a checkpoint (step_<9 digits>.pt)")
+    return int(match.group(1))
+
+
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Complete checkpoints in ``directory``, oldest first (temp files are ignored)."""
     directory = Path(directory)

@@ -9,6 +9,7 @@ losses exactly.
 from __future__ import annotations
 
 import math
+import pickle
 import random
 import shutil
 import time
@@ -25,7 +26,13 @@ from fastssl.collectives import agree, comm_device
 from fastssl.data import make_loader, resolve_views
 from fastssl.data.presets import RECIPES, get_views
 from fastssl.train.bank_shards import gather_bank_shards, restore_bank_shards
-from fastssl.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from fastssl.train.checkpoint import (
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fastssl.train.config import ConfigError, TrainConfig
 from fastssl.train.datasets import monitor_classes, monitor_splits, training_source
 from fastssl.train.distributed import DistContext, setup_distributed, teardown_distributed
@@ -88,12 +95,7 @@ class Trainer:
         _seed_everything(run.seed, run.deterministic)
         self.out_dir = Path(run.out_dir) / run.name
         self.checkpoint_dir = self.out_dir / "checkpoints"
-        try:
-            self._build(config)
-        except ValueError as error:  # a value only the data or the model can reject (an unknown arch, ...)
-            if isinstance(error, ConfigError):
-                raise
-            raise ConfigError(str(error)) from error
+        self._build(config)
         # Only now, with everything built, does the run touch its directory.
         self._prepare_run_dir()
         self.log = RunLog(self.out_dir, tensorboard=run.tensorboard, enabled=self.ctx.is_main)
@@ -110,6 +112,10 @@ class Trainer:
                 f"{self.ctx.world_size} ranks"
             )
         source = training_source(config.data, seed=run.seed)
+        if self.global_batch > len(source):
+            raise ConfigError(
+                f"data.batch_size: the global batch {self.global_batch} exceeds the {len(source)} training images"
+            )
         self.loader = make_loader(
             source,
             views,
@@ -136,7 +142,13 @@ class Trainer:
         config.optim.warmup_steps += round(config.optim.warmup_epochs * self.steps_per_epoch)
         config.method.warmup_steps += round(config.method.warmup_epochs * self.steps_per_epoch)
         config.optim.warmup_epochs = config.method.warmup_epochs = 0.0
-        self.method: Method = build_method(config).to(self.ctx.device)
+        try:
+            method = build_method(config)
+        except ValueError as error:  # a setting only the built model can reject; its message names the key
+            if not str(error).startswith(("model.", "method.")):
+                raise
+            raise ConfigError(str(error)) from error
+        self.method: Method = method.to(self.ctx.device)
         if hasattr(self.method, "set_total_steps"):
             self.method.set_total_steps(self.total_steps)
         if config.data.channels_last:
@@ -195,6 +207,24 @@ class Trainer:
             for path in list_checkpoints(self.checkpoint_dir):
                 path.unlink()
 
+    def _drop_newer_checkpoints(self, resumed: Path) -> None:
+        """Resuming from an older checkpoint of this run abandons the newer ones, which ``keep_last`` would keep in
+        place of the resumed run's own (and ``--resume auto`` would pick later): refuse, or with ``run.overwrite``
+        delete them."""
+        newer = [p for p in list_checkpoints(self.checkpoint_dir) if checkpoint_step(p) > self.global_step]
+        refuse = bool(newer) and not self.config.run.overwrite
+        if self.ctx.world_size > 1:
+            refuse = not agree(not refuse, comm_device(torch.empty(0, device=self.ctx.device)))
+        if refuse:
+            raise ConfigError(
+                f"run.resume: {resumed} is at step {self.global_step}, but {self.checkpoint_dir} holds newer "
+                f"checkpoints ({', '.join(p.name for p in newer)}); run.overwrite=true deletes them and goes on from "
+                "the older one"
+            )
+        if self.ctx.is_main:
+            for path in newer:
+                path.unlink()
+
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -247,17 +277,28 @@ class Trainer:
             raise ConfigError(f"run.resume: checkpoint {str(path)!r} does not exist")
         try:
             state = load_checkpoint(path)
-        except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
-            raise ConfigError(f"run.resume: {str(path)!r} is not a fastssl checkpoint ({error})") from error
+        except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, ValueError) as error:  # what torch.load
+            # raises for a file that is not a checkpoint (a truncated or foreign file); OSErrors stay themselves
+            raise ConfigError(f"run.resume: {str(path)!r} is not a fastssl checkpoint ({error!r})") from error
         try:
             self.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError) as error:
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
             lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
             first = " ".join(lines[:2])[:300] if lines else type(error).__name__
             raise ConfigError(
                 f"run.resume: {str(path)!r} does not fit this config (was the model or method changed?): {first}"
             ) from error
+        saved_batch = state.get("config", {}).get("data", {}).get("batch_size")
+        if saved_batch is not None and saved_batch != self.config.data.batch_size and self.ctx.is_main:
+            print(
+                f"fastssl train: warning: {path} was written with data.batch_size={saved_batch}, this run has "
+                f"{self.config.data.batch_size} (the global batch since 2026-11-23; per rank before): the epoch "
+                "length and the learning rate follow the new value"
+            )
         self._unsaved = False
+        self._drop_newer_checkpoints(path)
         # Scalars logged after this checkpoint (by the interrupted run) would be logged again: drop them.
         self.log.rewind(self.global_step)
         if self.ctx.is_main:
