@@ -53,6 +53,8 @@ def test_recipes_carry_the_papers_hyperparameters(tmp_path):
         40,
         300,
     )
+    for name in ("mocov2_r50_imagenet", "isd_r50_plus_imagenet", "msf_r50_ws_1m"):  # shuffling BN, as their code
+        assert load_config(name, [f"data.path={tmp_path}"]).model.shuffle_bn
     r18 = load_config("isd_r18_imagenet", [f"data.path={tmp_path}"])
     assert r18.model.projector == [] and r18.optim.schedule == "step" and r18.method.tau_teacher == 0.02
 

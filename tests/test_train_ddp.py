@@ -17,7 +17,8 @@ def worker(out_dir: str) -> None:
     from fastssl.train.distributed import teardown_distributed
     from fastssl.train.trainer import Trainer
 
-    config = load_config("tiny_msf", [f"run.out_dir={out_dir}", "run.max_steps=4", "run.deterministic=true"])
+    overrides = [f"run.out_dir={out_dir}", "run.max_steps=4", "run.deterministic=true", "model.shuffle_bn=true"]
+    config = load_config("tiny_msf", overrides)  # the teacher also runs on the batch shuffled across the ranks
     trainer = Trainer(config)
     result = trainer.fit()
     rank = int(os.environ["RANK"])

@@ -51,6 +51,7 @@ class ModelConfig:
     predictor: list[int] = field(default_factory=list)  # hidden..., out; [] = no predictor
     predictor_bn: bool = True
     sync_bn: bool = False
+    shuffle_bn: bool = False  # MoCo's shuffling BN: the teacher runs on the global batch permuted across ranks
     compile: bool = False  # torch.compile the backbone
     vit_mocov3: bool = False  # MoCo v3's ViT stem: fixed 2-D sin-cos position embedding, frozen random patch projection
 

@@ -10,6 +10,9 @@ from torch import nn
 from fastssl.backbones import build_backbone
 from fastssl.train.config import TrainConfig
 from fastssl.train.heads import head_out_dim, mlp
+from fastssl.train.shuffle_bn import shuffled_forward
+
+MAX_TEACHER_CALLS_PER_STEP = 16  # spaces the shuffle permutations' call numbers of consecutive steps
 
 
 class Method(nn.Module):
@@ -39,6 +42,10 @@ class Method(nn.Module):
         if self.has_teacher:
             self.teacher_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
             self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        # Shuffling BN across ranks for the teacher (model.shuffle_bn); its permutation is drawn from (seed, step,
+        # teacher call within the step), so it needs no state of its own to resume exactly.
+        self.shuffle_bn, self.seed = model.shuffle_bn, config.run.seed
+        self._step = self._teacher_calls = 0
 
     # -- student / teacher forward --------------------------------------------------------------------------------
     def student(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,8 +54,15 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def teacher(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) → (N, embed_dim) from the EMA teacher (no gradient)."""
-        return self.teacher_projector(self.teacher_backbone(x))
+        """(N, 3, H, W) → (N, embed_dim) from the EMA teacher (no gradient); with ``model.shuffle_bn`` on a shuffled
+        global batch across ranks (:mod:`fastssl.train.shuffle_bn`), every rank calling it alike."""
+        if not self.shuffle_bn:
+            return self.teacher_projector(self.teacher_backbone(x))
+        call = self._step * MAX_TEACHER_CALLS_PER_STEP + self._teacher_calls
+        self._teacher_calls += 1
+        return shuffled_forward(
+            lambda v: self.teacher_projector(self.teacher_backbone(v)), x, seed=self.seed, call=call
+        )
 
     def loss(self, views: list[torch.Tensor], labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         """(scalar loss, {metric: float}) for one batch of views (teacher view first)."""
@@ -56,6 +70,7 @@ class Method(nn.Module):
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         # forward is what DistributedDataParallel hooks, so the loss is computed through it.
+        self._step, self._teacher_calls = step, 0
         return self.loss(views, labels, step)
 
     # -- EMA ------------------------------------------------------------------------------------------------------
