@@ -1,9 +1,11 @@
 """The training loop shared by every recipe: data → method → AMP step → EMA → logs, checkpoints, kNN monitor.
 
 Exact resume: a checkpoint holds the model, teacher, heads, bank (+ labels, pointer), loss-module counters, optimizer,
-grad scaler, schedule position, RNG states and the data position (epoch, batch). The loader draws every
+grad scaler, schedule position, RNG states and the data position (epoch, batch). The torchvision loader draws every
 augmentation from (seed, epoch, sample index), so a resumed deterministic CPU run reproduces the uninterrupted run's
-losses exactly.
+losses exactly. The DALI loader resumes at the same batch with the same images but draws its augmentations from DALI's
+sequential stream, reseeded from (seed, epoch, rank, start step): after a mid-epoch resume they differ from the
+uninterrupted run's (same distribution), so its losses do too.
 """
 
 from __future__ import annotations
