@@ -75,3 +75,12 @@ def test_bad_shapes():
         sdssl_loss(torch.randn(2, 4, 8), torch.randn(3, 8), alpha=0.1)
     with pytest.raises(ValueError, match="method"):
         sdssl_loss(torch.randn(2, 4, 8), torch.randn(4, 8), alpha=0.1, method="simclr")
+
+
+def test_bad_alpha_and_non_tensor_inputs():
+    student, teacher = torch.randn(3, 4, 8), torch.randn(4, 8)
+    for alpha in (float("nan"), -0.5, float("inf")):
+        with pytest.raises(ValueError, match="alpha must be a finite weight"):
+            sdssl_loss(student, teacher, alpha=alpha)
+    with pytest.raises(TypeError, match="teacher must be a torch.Tensor"):
+        sdssl_loss(student, teacher.tolist(), alpha=0.5)

@@ -61,6 +61,11 @@ def sdssl_loss(
     """
     if method not in SDSSL_METHODS:
         raise ValueError(f"method must be one of {SDSSL_METHODS}, got {method!r}")
+    for name, value in (("student", student), ("teacher", teacher)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not 0 <= float(alpha) < float("inf"):
+        raise ValueError(f"alpha must be a finite weight ≥ 0, got {alpha}")
     if student.dim() != 3:
         raise ValueError(f"student must have shape (L, N, D), got {tuple(student.shape)}")
     if teacher.shape != student.shape[1:]:
