@@ -68,6 +68,26 @@ def test_weak_view_keeps_colours_exactly(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_16_bit_png_is_scaled_to_8_bits(tmp_path, backend):
+    """A 16-bit grayscale PNG of constant value v is the 8-bit image round(v·255/65535) on both backends (torchvision
+    decodes it to uint16; dividing that by 255 made views ~257x too bright)."""
+    from PIL import Image
+
+    from fastssl.data import image_folder
+
+    value = 40_000
+    (tmp_path / "c0").mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((24, 24), value, dtype=np.uint16)).save(tmp_path / "c0" / f"{i}.png")
+    spec = get_preset("weak_cifar")
+    batch = next(iter(_loader(image_folder(tmp_path), [spec, spec], backend, batch_size=8)))
+    level = round(value * 255 / 65535) / 255.0
+    expected = (level - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    tolerance = 1e-5 if backend == "torchvision" else 1.5 / 255 / min(spec.std)  # DALI rounds in its own decoder
+    torch.testing.assert_close(batch["views"][0].mean(dim=(2, 3)), expected.expand(8, 3), rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_two_views_differ_and_seed_epoch_determinism(backend):
     images = np.random.default_rng(1).integers(0, 256, (32, 40, 40, 3), dtype=np.uint8)
     src = (images, np.arange(32))
@@ -172,3 +192,39 @@ def test_auto_picks_torchvision_on_cpu_with_reason():
     images = np.zeros((8, 8, 8, 3), dtype=np.uint8)
     loader = make_loader((images, np.zeros(8)), "weak_cifar", 4, verbose=False, num_workers=0, device="cpu")
     assert loader.backend == "torchvision" and "cpu" in loader.reason
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_corrupt_file_listed_twice_is_skipped_twice(broken_folder, backend):
+    """A list source may name one file twice; with on_error="skip" both samples are skipped (DALI used to blacklist
+    only the path's first sample and rebuild its pipeline forever)."""
+    from fastssl.data.sources import FileSource, image_folder
+
+    root, bad = broken_folder
+    folder = image_folder(root)
+    twice = sorted(bad)[0]
+    source = FileSource((*folder.paths, twice), np.append(folder.labels, 0), folder.classes)
+    loader = _loader(source, ["weak_cifar"], backend, batch_size=4, shuffle=False, drop_last=False, on_error="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seen = [i for b in loader for i in b["index"].tolist()]
+    assert sorted(source.paths[i] for i in seen) == sorted(set(folder.paths) - bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_batch_of_only_corrupt_files_is_skipped_not_yielded_empty(tmp_path, backend):
+    from fastssl.data.sources import FileSource, image_folder
+
+    good = image_folder(make_synthetic_image_folder(tmp_path / "ok", num_classes=1, images_per_class=4))
+    (tmp_path / "bad").mkdir()
+    bad = []
+    for i in range(4):
+        (tmp_path / "bad" / f"{i}.jpg").write_text("not an image")
+        bad.append(str(tmp_path / "bad" / f"{i}.jpg"))
+    source = FileSource((*bad, *good.paths), np.zeros(8, dtype=np.int64), good.classes)
+    loader = _loader(source, ["weak_cifar"], backend, batch_size=4, shuffle=False, drop_last=False, on_error="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(loader)
+    assert all(len(b["views"]) == 1 and b["views"][0].shape[0] > 0 for b in batches)
+    assert sorted(i for b in batches for i in b["index"].tolist()) == [4, 5, 6, 7]

@@ -95,6 +95,30 @@ def test_cache_hit_skips_the_model_and_weights_change_the_key(tmp_path):
     assert data_fingerprint(fdata) == "toy-v1"
 
 
+def test_image_folder_fingerprint_follows_the_transforms_and_refuses_opaque_ones(tmp_path):
+    """The automatic cache key of an ImageFolder changes with its transform and target transform; a transform whose
+    repr does not say what it computes (a Lambda, a function) is refused instead of serving stale features."""
+    import torchvision
+    from torchvision import transforms
+
+    from fastssl.data import make_synthetic_image_folder
+    from fastssl.eval import eval_transform
+
+    root = make_synthetic_image_folder(tmp_path / "d", num_classes=2, images_per_class=2, min_size=40, max_size=48)
+
+    def key(transform, target_transform=None):
+        return data_fingerprint(torchvision.datasets.ImageFolder(root, transform, target_transform))
+
+    assert key(eval_transform(32)) == key(eval_transform(32))
+    assert key(eval_transform(32)) != key(eval_transform(24))
+    for transform, target_transform, name in [
+        (transforms.Lambda(lambda x: x), None, "transform"),
+        (eval_transform(32), lambda y: y + 100, "target_transform"),
+    ]:
+        with pytest.raises(ValueError, match=f"cannot identify the dataset's {name} .*pass cache_key"):
+            key(transform, target_transform)
+
+
 def test_nan_features_raise():
     class NaNModel(nn.Module):
         def forward(self, x):
@@ -119,10 +143,14 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         sharded = extract_features(model, data, batch_size=4, progress=False)
         batches = [(data.tensors[0][i : i + 6], data.tensors[1][i : i + 6]) for i in range(0, 37, 6)]
         dealt = extract_features(model, batches, progress=False)
+        # a loader the user already sharded with a DistributedSampler: still every sample once, in dataset order
+        sampler = torch.utils.data.DistributedSampler(data, shuffle=True, seed=3)
+        user_sharded = extract_features(model, torch.utils.data.DataLoader(data, 5, sampler=sampler), progress=False)
         if rank == 0:
-            torch.save({"sharded": sharded, "dealt": dealt}, os.path.join(out_dir, "rank0.pt"))
+            out = {"sharded": sharded, "dealt": dealt, "user_sharded": user_sharded}
+            torch.save(out, os.path.join(out_dir, "rank0.pt"))
         else:
-            assert sharded is None and dealt is None
+            assert sharded is None and dealt is None and user_sharded is None
     finally:
         dist.destroy_process_group()
 
@@ -132,8 +160,19 @@ def test_ddp_extraction_gathers_to_rank0_in_dataset_order(tmp_path):
     got = torch.load(tmp_path / "rank0.pt", weights_only=False)
     data, model = _data(), _model()
     expected = _expected(model, data)
-    for name in ("sharded", "dealt"):
+    for name in ("sharded", "dealt", "user_sharded"):
         out: Features = got[name]
         assert out.features.shape == (37, 8), name
         torch.testing.assert_close(out.features, expected, atol=1e-3, rtol=0)
         assert torch.equal(out.labels, data.tensors[1]), name
+
+
+def test_eval_transform_is_the_isd_msf_one():
+    """Resize(256) with torchvision's default (bilinear) interpolation, then CenterCrop(224): ISD/MSF eval_knn.py."""
+    from torchvision import transforms
+
+    from fastssl.eval import eval_transform
+
+    resize, crop = eval_transform(224).transforms[:2]
+    assert resize.size == 256 and resize.interpolation == transforms.InterpolationMode.BILINEAR
+    assert tuple(crop.size) == (224, 224)

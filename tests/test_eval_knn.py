@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastssl.eval import KNNAccuracy, knn_accuracy, knn_classify, nearest_neighbors
+from fastssl.eval import KNNAccuracy, knn_accuracy, knn_classify, nearest_neighbors, rank_classes
 from fastssl.eval.neighbors import _faiss
 
 CPU_BACKENDS = ["torch"] + (["faiss-cpu"] if _faiss() is not None else [])
@@ -153,9 +153,21 @@ def test_knn_accuracy_top1_top5_against_direct_count():
     weights = torch.exp(sims / 0.07)
     scores = torch.zeros(300, 8, dtype=torch.float64).scatter_add_(1, labels_noisy[idx], weights)
     top5 = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :5]
+    voted = scores.gather(1, top5) > 0  # a class nobody voted for is no guess
     assert acc.top1 == pytest.approx((top5[:, 0] == test_labels).double().mean().item(), abs=0)
-    assert acc.top5 == pytest.approx((top5 == test_labels[:, None]).any(1).double().mean().item(), abs=0)
+    assert acc.top5 == pytest.approx(((top5 == test_labels[:, None]) & voted).any(1).double().mean().item(), abs=0)
     assert acc.num_test == 300 and acc.k == 20 and acc.backend == "torch"
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_top5_credits_only_classes_that_got_a_vote(weighted):
+    """With k = 1 each query votes for one class, so top-5 equals top-1: unvoted classes (score 0) used to fill the
+    other four slots, by class id (weighted) or at random (majority), crediting e.g. every class-0 query."""
+    train, labels, test, test_labels = _clustered(n_train=600, n_test=200, classes=10, dtype=torch.float32, seed=6)
+    acc = knn_accuracy(train, labels, test, torch.zeros_like(test_labels), k=1, weighted=weighted, backend="torch")
+    assert acc.top5 == acc.top1
+    ranked = rank_classes(torch.ones(2, 3), torch.tensor([[4, 4, 2], [1, 1, 1]]), 10, weighted=weighted)
+    assert ranked.tolist() == [[4, 2, -1, -1, -1], [1, -1, -1, -1, -1]]
 
 
 def test_numpy_inputs_and_auto_logs_backend(caplog):

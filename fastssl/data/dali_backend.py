@@ -218,13 +218,15 @@ class DaliLoader(MultiViewLoader):
             out.copy_(torch.from_numpy(np.asarray(dense)))
         return out
 
-    def _locate_bad_file(self, in_flight: collections.deque) -> CorruptImageError | None:
+    def _locate_bad_file(self, in_flight: collections.deque) -> tuple[int, CorruptImageError] | None:
+        """(sample index, error) of the first in-flight sample that does not decode (the sample, not the path: a
+        list source may name one file twice)."""
         for kept in in_flight:
             for i in kept:
                 try:
                     decode_file(self.source.paths[i])
                 except CorruptImageError as err:
-                    return err
+                    return i, err
         return None
 
     def _iter_batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
@@ -243,12 +245,13 @@ class DaliLoader(MultiViewLoader):
                     except Exception as err:  # noqa: BLE001 - DALI raises RuntimeError for any operator failure
                         if isinstance(self.source, ArraySource):
                             raise
-                        bad = self._locate_bad_file(in_flight)
-                        if bad is None:
+                        located = self._locate_bad_file(in_flight)
+                        if located is None:
                             raise
+                        index, bad = located
                         if self.on_error == "raise":
                             raise bad from err
-                        self._skip(self.source.paths.index(bad.path), bad)
+                        self._skip(index, bad)
                         break  # rebuild at `step`; the feed now leaves the bad file out
                     in_flight.popleft()
                     step += 1

@@ -196,6 +196,12 @@ def read_encoded(path: str) -> np.ndarray:
     return data
 
 
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """An unsigned-integer image of more than 8 bits, rounded to uint8 over its full range (v · 255 / max)."""
+    top = float(torch.iinfo(image.dtype).max)
+    return (image.to(torch.float64) * (255.0 / top)).round_().to(torch.uint8)
+
+
 def decode_file(path: str) -> torch.Tensor:
     """Decode one file to a (3, H, W) uint8 RGB tensor; any failure raises CorruptImageError naming the file."""
     import torchvision.io as tvio
@@ -207,7 +213,10 @@ def decode_file(path: str) -> torch.Tensor:
             warnings.filterwarnings("ignore", message=TORCHVISION_IO_DEPRECATION)
             if data[:3].tobytes() == b"\xff\xd8\xff":
                 return tvio.decode_jpeg(torch.from_numpy(data), mode=tvio.ImageReadMode.RGB)
-            return tvio.decode_image(torch.from_numpy(data), mode=tvio.ImageReadMode.RGB)
+            image = tvio.decode_image(torch.from_numpy(data), mode=tvio.ImageReadMode.RGB)
+            if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16: rescale to 8 bits like every other image
+                image = _to_uint8(image)
+            return image
     except (RuntimeError, ValueError) as tv_err:
         tv_reason = str(tv_err).splitlines()[0] if str(tv_err) else type(tv_err).__name__
     try:  # formats torchvision does not decode (BMP, TIFF, PNM) go through Pillow

@@ -85,7 +85,7 @@ class ViewSpec:
 
     def __post_init__(self) -> None:
         # Normalize containers to tuples of the right type so that a spec read back from YAML/JSON compares equal.
-        size = (int(self.size), int(self.size)) if isinstance(self.size, (int, float)) else tuple(self.size)
+        size = (self.size, self.size) if isinstance(self.size, (int, float)) else tuple(self.size)
         if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
             raise ValueError(f"ViewSpec.size must be a positive int or (height, width), got {self.size!r}")
         object.__setattr__(self, "size", (int(size[0]), int(size[1])))

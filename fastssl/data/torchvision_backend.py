@@ -219,6 +219,8 @@ class TorchvisionLoader(MultiViewLoader):
                 batch = next(batches, None)
             if batch is None:
                 return
+            if not batch["views"]:  # every sample of the batch was corrupt and skipped (on_error="skip"), as in DALI
+                continue
             if self.device.type != "cpu":
                 batch = {
                     "views": [v.to(self.device, non_blocking=True) for v in batch["views"]],

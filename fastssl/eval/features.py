@@ -2,7 +2,8 @@
 DDP-sharded extraction gathered to rank 0, and an on-disk cache so repeated evaluations of one checkpoint are free.
 
 The eval transform is the papers' (ISD/MSF follow CompRess, Koohpayegani et al. 2020): resize the shorter side to
-256 and center-crop 224, ImageNet mean/std. Features are L2-normalized in fp32 and stored in fp16 (a 1,281,167 × 2048
+256 (bilinear: torchvision's default ``Resize(256)`` in their ``eval_knn.py``; DINO uses bicubic) and center-crop
+224, ImageNet mean/std. Features are L2-normalized in fp32 and stored in fp16 (a 1,281,167 × 2048
 ImageNet train set is 5.2 GB instead of 10.5 GB in fp32), which is what the kNN and linear-probe code consume.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -67,7 +69,7 @@ def eval_transform(
     resize = resize if resize is not None else round(min(crop) / 0.875)
     return transforms.Compose(
         [
-            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BILINEAR),
             transforms.CenterCrop(crop),
             transforms.ToTensor(),
             transforms.Normalize(mean, std),
@@ -97,11 +99,17 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Reprs that do not identify what a transform computes: torchvision's Lambda() and plain functions or objects.
+_OPAQUE_REPR = re.compile(r"Lambda\(\)|<function |<lambda>| object at 0x")
+
+
 def data_fingerprint(data: Any) -> str:
     """SHA-256 identifying a dataset's content for the feature cache.
 
     Understands objects with a ``fingerprint()`` method, torchvision ``ImageFolder``-style datasets (their ``samples``
-    list: path, label, file size and modification time, plus the transform's repr), and DataLoaders over either.
+    list: path, label, file size and modification time, plus the transform's and target transform's reprs), and
+    DataLoaders over either. A transform whose repr does not identify it (a ``Lambda``, a plain function) is refused
+    rather than risk serving another transform's features.
 
     Raises:
         ValueError: the data's identity cannot be determined (pass ``cache_key`` explicitly).
@@ -115,7 +123,14 @@ def data_fingerprint(data: Any) -> str:
         for path, label in samples:
             stat = os.stat(path)
             digest.update(f"{os.path.abspath(path)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        digest.update(repr(getattr(dataset, "transform", None)).encode())
+        for name in ("transform", "target_transform"):
+            description = repr(getattr(dataset, name, None))
+            if _OPAQUE_REPR.search(description):
+                raise ValueError(
+                    f"cannot identify the dataset's {name} for the feature cache: its repr {description!r} does not "
+                    "say what it computes (a Lambda or a plain function); pass cache_key= explicitly"
+                )
+            digest.update(f"{name}={description}\n".encode())
         return digest.hexdigest()
     raise ValueError(
         f"cannot identify the content of a {type(dataset).__name__} for the feature cache; pass cache_key= explicitly "
@@ -177,16 +192,18 @@ def _batches(
 ) -> tuple[Iterable, int | None, Callable[[int], tuple[int, int]]]:
     """This rank's batches, their count, and a sort key per local batch that restores dataset order after gathering.
 
-    Map-style datasets (or DataLoaders over one that read it in order) are split into contiguous shards, one per
-    rank, so each image is decoded once; any other iterable is dealt out batch by batch (rank r runs the model on
-    batches r, r + W, ...).
+    Map-style datasets (or DataLoaders over one that read it in order, or shard it with a DistributedSampler, which
+    is replaced: dealing out an already sharded loader's batches again would drop samples) are split into contiguous
+    shards, one per rank, so each image is decoded once; any other iterable is dealt out batch by batch (rank r runs
+    the model on batches r, r + W, ...).
     """
     if world == 1 and not _is_map_dataset(data):
         return data, (len(data) if hasattr(data, "__len__") else None), lambda j: (j, 0)
     loader_kwargs: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers}
     dataset = None
     if isinstance(data, torch.utils.data.DataLoader):
-        if _is_map_dataset(data.dataset) and isinstance(data.sampler, torch.utils.data.SequentialSampler):
+        own_order = (torch.utils.data.SequentialSampler, torch.utils.data.DistributedSampler)
+        if _is_map_dataset(data.dataset) and isinstance(data.sampler, own_order):
             dataset = data.dataset
             loader_kwargs = {
                 "batch_size": data.batch_size or batch_size,
@@ -307,7 +324,8 @@ def extract_features(
     cache_path = None
     if cache_dir is not None:
         identity = cache_key if cache_key is not None else f"{model_fingerprint(model)}|{data_fingerprint(data)}"
-        key = hashlib.sha256(f"{CACHE_FORMAT_VERSION}|{identity}|{dtype}|amp={amp}".encode()).hexdigest()
+        autocast = amp and device.type == "cuda"  # what the forward really ran with (amp is ignored on CPU)
+        key = hashlib.sha256(f"{CACHE_FORMAT_VERSION}|{identity}|{dtype}|amp={autocast}".encode()).hexdigest()
         cache_path = _cache_file(cache_dir, key)
         if cache_path.exists():
             cached = _load_cache(cache_path, key) if rank == 0 else None

@@ -74,7 +74,8 @@ def rank_classes(
         top: how many ranked classes to return.
 
     Returns:
-        (N, min(top, C)) int64 class ids, best first.
+        (N, min(top, C)) int64 class ids, best first; -1 in the slots past the classes that got a vote (with k < top
+        or neighbours from fewer than ``top`` classes), so a top-5 count never credits an unvoted class.
     """
     n, k = neighbor_labels.shape
     top = min(top, num_classes)
@@ -85,6 +86,8 @@ def rank_classes(
         labels = neighbor_labels[start : start + _VOTE_ROWS]
         rows = torch.arange(labels.shape[0], device=device)
         scores = torch.zeros(labels.shape[0], num_classes, dtype=torch.float64, device=device)
+        votes = torch.zeros(labels.shape[0], num_classes, dtype=torch.int32, device=device)
+        votes.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.int32))
         if weighted:
             s = similarities[start : start + _VOTE_ROWS].double()
             # exp((s - s_1)/T) = exp(s/T)·const per row: same ranking, no overflow for small T.
@@ -98,7 +101,8 @@ def rank_classes(
             keys = torch.rand(scores.shape, generator=generator, dtype=torch.float64)
             scores += keys.to(device)
         # Stable descending sort: equal weighted scores keep the lower class id first.
-        ranked[start : start + _VOTE_ROWS] = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top]
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top]
+        ranked[start : start + _VOTE_ROWS] = torch.where(votes.gather(1, order) > 0, order, -1)
     return ranked
 
 
