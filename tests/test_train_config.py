@@ -53,8 +53,10 @@ def test_recipes_carry_the_papers_hyperparameters(tmp_path):
         40,
         300,
     )
-    for name in ("mocov2_r50_imagenet", "isd_r50_plus_imagenet", "msf_r50_ws_1m"):  # shuffling BN, as their code
+    for name in ("mocov2_r50_imagenet", "isd_r50_plus_imagenet", "msf_r50_ws_1m", "ressl_r50_imagenet"):  # shuffle BN
         assert load_config(name, [f"data.path={tmp_path}"]).model.shuffle_bn
+    multicrop = load_config("ressl_r50_multicrop", [f"data.path={tmp_path}"])  # ReSSL journal Sec. 5.1 and 4
+    assert (multicrop.data.batch_size, multicrop.model.sync_bn, multicrop.method.tau_teacher) == (1024, True, 0.03)
     r18 = load_config("isd_r18_imagenet", [f"data.path={tmp_path}"])
     assert r18.model.projector == [] and r18.optim.schedule == "step" and r18.method.tau_teacher == 0.02
 
