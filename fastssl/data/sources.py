@@ -92,9 +92,8 @@ class ArraySource:
     labels: np.ndarray
 
     def __post_init__(self) -> None:
-        images = np.asarray(self.images)
-        if isinstance(self.images, torch.Tensor):
-            images = self.images.cpu().numpy()
+        # torch tensors (on any device) go through .cpu() first: np.asarray cannot read a CUDA tensor
+        images = self.images.cpu().numpy() if isinstance(self.images, torch.Tensor) else np.asarray(self.images)
         if images.dtype != np.uint8:
             raise TypeError(f"in-memory images must be uint8 (N,H,W[,C]), got dtype {images.dtype}")
         if images.ndim == 3:
@@ -103,7 +102,8 @@ class ArraySource:
             raise ValueError(f"in-memory images must have shape (N,H,W), (N,H,W,1) or (N,H,W,3), got {images.shape}")
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
-        labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        raw_labels = self.labels.cpu().numpy() if isinstance(self.labels, torch.Tensor) else self.labels
+        labels = np.asarray(raw_labels, dtype=np.int64).reshape(-1)
         if len(labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         object.__setattr__(self, "images", np.ascontiguousarray(images))
