@@ -57,12 +57,13 @@ class Method(nn.Module):
         """(N, 3, H, W) → (N, embed_dim) from the EMA teacher (no gradient); with ``model.shuffle_bn`` on a shuffled
         global batch across ranks (:mod:`fastssl.train.shuffle_bn`), every rank calling it alike."""
         if not self.shuffle_bn:
-            return self.teacher_projector(self.teacher_backbone(x))
+            return self._teacher_forward(x)
         call = self._step * MAX_TEACHER_CALLS_PER_STEP + self._teacher_calls
         self._teacher_calls += 1
-        return shuffled_forward(
-            lambda v: self.teacher_projector(self.teacher_backbone(v)), x, seed=self.seed, call=call
-        )
+        return shuffled_forward(self._teacher_forward, x, seed=self.seed, call=call)
+
+    def _teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher_projector(self.teacher_backbone(x))
 
     def loss(self, views: list[torch.Tensor], labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         """(scalar loss, {metric: float}) for one batch of views (teacher view first)."""
