@@ -4,6 +4,8 @@ MSF reports 6.78% of step time for its NN search and bank (R50, 1.024M bank); fa
 Each row builds the recipe's method (backbone + heads + EMA teacher + loss module with its bank) on random images,
 then times:
   step_ms   the whole step: EMA update, teacher + student forward, loss, enqueue, backward, optimizer step
+            (as in the trainer: no device read, the banks' value checks deferred, the step's numbers copied to
+            the host without waiting)
   loss_ms   the loss module alone on the step's embeddings: loss forward, enqueue, backward to the embeddings
   step_no_bank_ms  the same step with the bank loss swapped for a cosine loss on the same embeddings (no bank)
 and reports images/s = batch / step_ms, loss_share = loss_ms / step_ms (the loss timed alone: on a GPU mostly host
@@ -29,9 +31,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from fastssl.bank import MemoryBank  # noqa: E402
 from fastssl.train.config import load_config  # noqa: E402
 from fastssl.train.methods import build_method  # noqa: E402
 from fastssl.train.optim import build_optimizer  # noqa: E402
+from fastssl.train.step_readback import StepReadback  # noqa: E402
 
 STEM = "bench_train_step"
 GPU_CONFIGS = [
@@ -100,13 +104,19 @@ def measure(
     labels = torch.randint(0, 1000, (n,), device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=amp)
 
+    # As in the trainer: banks check their keys a step late, and the step's numbers go to the host without waiting.
+    banks = [module for module in method.modules() if isinstance(module, MemoryBank)]
+    for bank in banks:
+        bank.value_checks = "deferred"
+
     def step() -> None:
         method.momentum_update(0.99)
         with autocast:
-            loss, _ = method(views, labels, 100)
+            loss, metrics = method(views, labels, 100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        StepReadback(100, 0, 100, loss, metrics, [bank.take_value_stats() for bank in banks])
 
     with torch.no_grad(), autocast:
         student = method.student(views[1]).float()

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastssl.collectives import all_gather_rows, comm_device, distributed_world, worst
+from fastssl.collectives import all_gather_ints, all_gather_rows, comm_device, distributed_world
 
 INITS = ("random", "empty")
+VALUE_CHECKS = ("immediate", "deferred")
 
 
 class NonFiniteKeysError(ValueError):
@@ -59,6 +60,12 @@ class MemoryBank(nn.Module):
             (ISD, ReSSL, MoCo) merge every shard's (LSE, μ) partials, so the loss is that of the union of the shards.
             The bank then grows with the GPU count at a fixed memory per GPU. Every rank must call the loss. Without
             a process group (or with one rank) it is an ordinary bank.
+        value_checks: ``"immediate"`` (default) refuses NaN/inf keys and all-zero rows before writing, which reads
+            two numbers back from the device per enqueue (a GPU synchronization). ``"deferred"`` writes without that
+            read and accumulates the same two numbers on the device; :meth:`take_value_stats` hands them over and
+            :func:`value_problem` names the problem. A bad batch is then written before anyone knows: the training
+            loop uses this to check one step later, with its loss, and stops without saving. Shape, dtype and device
+            checks stay immediate in both modes.
     """
 
     def __init__(
@@ -71,9 +78,14 @@ class MemoryBank(nn.Module):
         init: str = "random",
         store_labels: bool = False,
         sharded: bool = False,
+        value_checks: str = "immediate",
     ) -> None:
         super().__init__()
         self.sharded = bool(sharded)
+        if value_checks not in VALUE_CHECKS:
+            raise ValueError(f"value_checks must be one of {VALUE_CHECKS}, got {value_checks!r}")
+        self.value_checks = value_checks
+        self._value_stats: torch.Tensor | None = None  # deferred mode: (2,) stats of the batches since the last take
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
         if not isinstance(dim, int) or dim < 1:
@@ -165,15 +177,11 @@ class MemoryBank(nn.Module):
             )
         if keys.shape[0] > self.size:
             return ValueError, f"batch of {keys.shape[0]} keys is larger than the bank ({self.size} rows)"
-        if keys.shape[0]:
-            # Both value checks from one device read of two numbers (each read waits for the GPU to finish the queued
-            # work), three launches: the rows' largest |entries|; their maximum is NaN or inf if any entry is (amax and
-            # aminmax propagate NaN), their minimum is 0 if a row is all zero.
-            smallest, largest = torch.stack(torch.aminmax(keys.abs().amax(dim=1))).tolist()
-            if not math.isfinite(largest):
-                return NonFiniteKeysError, "keys contain NaN or inf"
-            if smallest == 0:
-                return ValueError, "keys contain an all-zero row, which has no direction to normalize"
+        if keys.shape[0] and self.value_checks == "immediate":
+            # One device read of two numbers (each read waits for the GPU to finish the queued work).
+            problem = value_problem(*_value_stats(keys).tolist())
+            if problem is not None:
+                return problem
         if labels is not None:
             if self.label_queue is None:
                 return ValueError, "labels were given but the bank was built with store_labels=False"
@@ -204,11 +212,20 @@ class MemoryBank(nn.Module):
         """
         problem = self._check(keys, labels)
         distributed = distributed_world() > 1
+        counts = None
         if distributed:
-            problem = self._agree_on_problem(problem, keys)
+            problem, counts = self._agree_on_problem(problem, keys)
         if problem is not None:
             error, message = problem
             raise error(f"MemoryBank.enqueue: {message}")
+        if self.value_checks == "deferred" and keys.shape[0]:
+            stats = _value_stats(keys)
+            previous = self._value_stats
+            self._value_stats = (
+                stats
+                if previous is None
+                else torch.stack((previous[0].minimum(stats[0]), previous[1].maximum(stats[1])))
+            )
         # Normalize in at least fp32 (fp64 keys stay fp64), so a key stored in its own precision is bitwise the
         # normalized key the losses compute: MSF with k=1 then equals BYOL exactly.
         keys = F.normalize(_norm_safe(keys.detach().to(torch.promote_types(keys.dtype, torch.float32))), dim=1)
@@ -220,7 +237,7 @@ class MemoryBank(nn.Module):
                 else labels.detach().to(torch.long)
             )
         if distributed and not self.sharded:
-            keys, labels = self._all_gather(keys, labels)
+            keys, labels = self._all_gather(keys, labels, counts)
             if keys.shape[0] > self.size:
                 raise ValueError(
                     f"MemoryBank.enqueue: the {keys.shape[0]} keys gathered from all ranks exceed the bank "
@@ -241,20 +258,47 @@ class MemoryBank(nn.Module):
         self.ptr.fill_(self._host_ptr)  # fill_ with a Python number: no device read
         self.count.fill_(self._host_count)
 
+    def take_value_stats(self) -> torch.Tensor | None:
+        """Deferred value checks: the (2,) device tensor (smallest row max |entry|, largest |entry|) over the batches
+        written since the last call (None if there were none), without reading it; resets. Pass its two numbers to
+        :func:`value_problem` on the host."""
+        stats, self._value_stats = self._value_stats, None
+        return stats
+
     def _agree_on_problem(
         self, problem: tuple[type[Exception], str] | None, keys: torch.Tensor
-    ) -> tuple[type[Exception], str] | None:
+    ) -> tuple[tuple[type[Exception], str] | None, list[int]]:
         """All ranks learn whether any rank's batch is bad, so none blocks in the all-gather that follows; a rank whose
         own batch was fine raises the same error type as the worst rank (non-finite keys stop training everywhere
-        with the trainer's non-finite message)."""
+        with the trainer's non-finite message). The same all-gather carries each rank's batch size, so the problem
+        code and the row counts cost one device read together."""
         severity = [None, ValueError, NonFiniteKeysError]
         code = 0 if problem is None else (2 if problem[0] is NonFiniteKeysError else 1)
-        agreed = worst(code, comm_device(self.queue))
+        rows = keys.shape[0] if isinstance(keys, torch.Tensor) and keys.dim() >= 1 else 0
+        votes = all_gather_ints([code, rows], comm_device(self.queue))
+        agreed = max(v[0] for v in votes)
         if problem is None and agreed:
-            return severity[agreed], "another rank passed an invalid batch (see its error)"
-        return problem
+            return (severity[agreed], "another rank passed an invalid batch (see its error)"), []
+        return problem, [v[1] for v in votes]
 
-    def _all_gather(self, keys: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _all_gather(
+        self, keys: torch.Tensor, labels: torch.Tensor | None, counts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Concatenates every rank's batch in rank order (batch sizes may differ between ranks)."""
-        keys = all_gather_rows(keys, self.queue.device)[0]
-        return keys, None if labels is None else all_gather_rows(labels, self.queue.device)[0]
+        keys = all_gather_rows(keys, self.queue.device, counts)[0]
+        return keys, None if labels is None else all_gather_rows(labels, self.queue.device, counts)[0]
+
+
+def _value_stats(keys: torch.Tensor) -> torch.Tensor:
+    """(2,) tensor on the keys' device: the smallest of the rows' largest |entries| (0 iff a row is all zero) and the
+    largest |entry| (NaN or inf iff an entry is: amax and aminmax propagate NaN). Three launches, no device read."""
+    return torch.stack(torch.aminmax(keys.abs().amax(dim=1)))
+
+
+def value_problem(smallest: float, largest: float) -> tuple[type[Exception], str] | None:
+    """The problem that :func:`_value_stats`' two numbers reveal, as (exception type, message), or None."""
+    if not math.isfinite(largest):
+        return NonFiniteKeysError, "keys contain NaN or inf"
+    if smallest == 0:
+        return ValueError, "keys contain an all-zero row, which has no direction to normalize"
+    return None

@@ -16,23 +16,36 @@ def comm_device(like: torch.Tensor) -> torch.device:
     return like.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def all_gather_rows(t: torch.Tensor, out_device: torch.device | None = None) -> tuple[torch.Tensor, list[int]]:
+def all_gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``values`` (the same length on every rank), in rank order, with one all-gather and one read."""
+    local = torch.tensor(values, dtype=torch.long, device=device)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.stack(parts).tolist()
+
+
+def all_gather_rows(
+    t: torch.Tensor, out_device: torch.device | None = None, counts: list[int] | None = None
+) -> tuple[torch.Tensor, list[int]]:
     """Concatenates every rank's ``t`` (rows may differ per rank, other dims may not) in rank order.
 
     all_gather needs equal shapes, so each rank pads to the largest row count first.
 
+    Args:
+        t: (rows, ...) this rank's part.
+        out_device: where the result goes (default: t's device).
+        counts: every rank's row count, when the caller already exchanged them (saves an all-gather and a device
+            read); it must be what every rank passes as ``t``.
+
     Returns:
-        (sum of rows, *t.shape[1:]) tensor on ``out_device`` (default: t's device), and the row count of each rank.
+        (sum of rows, *t.shape[1:]) tensor on ``out_device``, and the row count of each rank.
     """
-    world = dist.get_world_size()
     comm = comm_device(t)
-    local_n = torch.tensor([t.shape[0]], device=comm)
-    sizes = [torch.zeros_like(local_n) for _ in range(world)]
-    dist.all_gather(sizes, local_n)
-    counts = [int(s) for s in sizes]
+    if counts is None:
+        counts = [row[0] for row in all_gather_ints([t.shape[0]], comm)]
     padded = torch.zeros((max(counts), *t.shape[1:]), dtype=t.dtype, device=comm)
     padded[: t.shape[0]] = t.to(comm)
-    parts = [torch.empty_like(padded) for _ in range(world)]
+    parts = [torch.empty_like(padded) for _ in range(len(counts))]
     dist.all_gather(parts, padded)
     gathered = torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)])
     return gathered.to(out_device if out_device is not None else t.device), counts

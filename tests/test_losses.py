@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from device_reads import DeviceReads
 
 from fastssl import MemoryBank
 from fastssl.functional import byol_loss, isd_loss, moco_loss, msf_loss, nnclr_loss, ressl_loss
@@ -142,30 +143,19 @@ def test_nnclr_symmetric_enqueues_the_first_view_once():
     torch.testing.assert_close(module.bank.queue[:6], F.normalize(z1.detach(), dim=1))
 
 
-class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts device-to-host scalar reads (``int(t)``, ``bool(t)``, ``t.item()``): each one waits for the GPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
+@pytest.mark.parametrize("value_checks", ["immediate", "deferred"])
 @pytest.mark.parametrize("module_cls", [MoCoLoss, ISDLoss, MSFLoss, ReSSLLoss])
-def test_loss_step_reads_no_scalars_from_the_device(module_cls):
-    """Loss, backward and enqueue never read a scalar back (the bank keeps host copies of its pointer and count);
-    the enqueue's value validation is a single batched read, done with tolist (not counted here)."""
-    import torch.utils._python_dispatch  # noqa: F401 - registers the submodule used by _ScalarReads
-
+def test_loss_step_reads_no_scalars_from_the_device(module_cls, value_checks):
+    """Loss, backward and enqueue never read a scalar back (the bank keeps host copies of its pointer and count). The
+    enqueue's value validation is one batched tolist per call in the immediate mode and none in the deferred mode
+    the trainer uses (it reads the checks a step later)."""
     module = module_cls(16, 64, bank_dtype=torch.float32, backend="streaming")
+    module.bank.value_checks = value_checks
     query, target = batch(7)
-    with _ScalarReads() as reads:
+    with DeviceReads() as reads:
         for _ in range(2):
             module(query, target).backward()
-    assert reads.count == 0
+    assert (reads.scalars, reads.tolist) == (0, 2 if value_checks == "immediate" else 0)
     assert len(module.bank) == 64 and int(module.bank.ptr) == (64 * 0 + 12) % 64  # host copies match the buffers
 
 

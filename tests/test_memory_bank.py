@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from device_reads import DeviceReads
 
 from fastssl import MemoryBank
 
@@ -188,3 +189,51 @@ def test_keys_of_extreme_magnitude_keep_their_direction(dtype, scale, width):
     expected = extreme / extreme.norm()
     torch.testing.assert_close(bank.queue[0], expected.to(bank.queue.dtype), rtol=1e-6, atol=1e-7)
     assert torch.equal(bank.queue[1], F.normalize(ordinary.to(dtype)[None], dim=1)[0].to(bank.queue.dtype))
+
+
+VALUE_CASES = [c for c in BAD_INPUTS if c[3] in ("NaN", "NaN or inf", "all-zero", "inf")]
+
+
+@pytest.mark.parametrize("case,make,error,match", VALUE_CASES, ids=[c[0] for c in VALUE_CASES])
+def test_deferred_value_checks_name_the_same_problem_a_step_later(case, make, error, match):
+    """value_checks="deferred" writes without reading, and its stats name exactly the problem the immediate check
+    refuses with, accumulated over every batch since the last take (a bad batch between good ones is not missed)."""
+    from fastssl.bank import value_problem
+
+    torch.manual_seed(2)
+    bank = MemoryBank(16, 4, init="empty", store_labels=True, value_checks="deferred")
+    assert bank.take_value_stats() is None
+    bank.enqueue(torch.randn(3, 4))
+    keys, _ = make()
+    bank.enqueue(keys)
+    bank.enqueue(torch.randn(2, 4))
+    assert len(bank) == 5 + keys.shape[0]  # written: the check comes later
+    stats = bank.take_value_stats()
+    problem = value_problem(*stats.tolist())
+    assert problem is not None and issubclass(problem[0], error) and match in problem[1]
+    assert bank.take_value_stats() is None  # taken: reset
+
+
+def test_deferred_value_stats_of_good_batches_are_their_extremes():
+    """Closed form: (smallest row max |entry|, largest |entry|) over the batches, and no problem."""
+    from fastssl.bank import value_problem
+
+    bank = MemoryBank(8, 3, dtype=torch.float32, value_checks="deferred")
+    bank.enqueue(torch.tensor([[0.5, -2.0, 0.0], [0.0, 0.25, -0.125]]))
+    bank.enqueue(torch.tensor([[3.0, 1.0, 1.0]], dtype=torch.float64))
+    assert bank.take_value_stats().tolist() == [0.25, 3.0]
+    assert value_problem(0.25, 3.0) is None
+
+
+def test_deferred_enqueue_reads_nothing_back():
+    """The point of the deferred mode: no read of a device value inside enqueue (immediate mode reads once)."""
+    for mode, expected in (("deferred", 0), ("immediate", 1)):
+        bank = MemoryBank(8, 3, dtype=torch.float32, value_checks=mode)
+        with DeviceReads() as reads:
+            bank.enqueue(torch.randn(2, 3))
+        assert (reads.tolist, reads.scalars) == (expected, 0), mode
+
+
+def test_value_checks_mode_is_validated():
+    with pytest.raises(ValueError, match="value_checks must be one of"):
+        MemoryBank(4, 2, value_checks="later")

@@ -22,8 +22,34 @@ def worker(out_dir: str) -> None:
     trainer = Trainer(config)
     result = trainer.fit()
     rank = int(os.environ["RANK"])
-    torch.save({"method": trainer.method.state_dict(), "losses": result["losses"]}, Path(out_dir) / f"rank{rank}.pt")
+    stopped = poisoned_run(out_dir, rank)
+    torch.save(
+        {"method": trainer.method.state_dict(), "losses": result["losses"], "stopped": stopped},
+        Path(out_dir) / f"rank{rank}.pt",
+    )
     teardown_distributed()
+
+
+def poisoned_run(out_dir: str, rank: int) -> str:
+    """A second run in which only rank 1's loss turns NaN at step 2: the step's checks are all-reduced, so both ranks
+    stop at that step (neither waits alone in the next collective); returns this rank's stop message."""
+    from fastssl.train.config import load_config
+    from fastssl.train.trainer import NonFiniteLossError, Trainer
+
+    overrides = [f"run.out_dir={out_dir}/poisoned", "run.max_steps=4", "run.knn_monitor=false"]
+    trainer = Trainer(load_config("tiny_mocov2", overrides))
+    real_loss = trainer.method.loss
+
+    def poisoned(views, labels, step):
+        loss, metrics = real_loss(views, labels, step)
+        return (loss * float("nan") if step == 2 and rank == 1 else loss), metrics
+
+    trainer.method.loss = poisoned
+    try:
+        trainer.fit()
+    except NonFiniteLossError as error:
+        return str(error)
+    return ""
 
 
 def test_two_rank_torchrun_keeps_banks_and_weights_identical(tmp_path):
@@ -54,6 +80,8 @@ def test_two_rank_torchrun_keeps_banks_and_weights_identical(tmp_path):
         ):
             assert torch.equal(value, states[1][name]), name
     assert (tmp_path / "tiny_msf" / "checkpoints").is_dir()  # rank 0 wrote the checkpoints
+    assert ranks[1]["stopped"].startswith("non-finite loss (nan) at step 2 ")
+    assert ranks[0]["stopped"].startswith("non-finite loss on another rank at step 2 ")
 
 
 if __name__ == "__main__":

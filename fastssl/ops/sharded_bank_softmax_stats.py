@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fastssl.collectives import all_gather_rows, comm_device
+from fastssl.collectives import all_gather_ints, all_gather_rows, comm_device
 from fastssl.ops.bank_softmax_stats import bank_softmax_stats
 
 
@@ -53,19 +53,19 @@ def sharded_bank_softmax_stats(
     """
     device = comm_device(x)
     has_pos = pos is not None
-    # One agreement round before the other collectives (a rank raising alone would leave the others waiting): how
-    # many ranks have an empty shard, and how many passed a positive key.
-    flags = torch.tensor([int(shard.shape[0] == 0), int(has_pos)], device=device)
-    dist.all_reduce(flags)
-    empty_shards, pos_votes = flags.tolist()
+    # One agreement round before the other collectives (a rank raising alone would leave the others waiting), with
+    # one device read: whether each rank's shard is empty, whether it passed a positive key, and its row count.
+    votes = all_gather_ints([int(shard.shape[0] == 0), int(has_pos), x.shape[0]], device)
+    empty_shards, pos_votes = sum(v[0] for v in votes), sum(v[1] for v in votes)
     if empty_shards:
         raise ValueError("sharded bank: a rank's shard has no valid rows yet (enqueue on every rank first)")
     if pos_votes not in (0, dist.get_world_size()):
         raise ValueError("sharded bank: some ranks passed a positive key and others did not")
 
-    x_all, counts = all_gather_rows(x)
-    inv_tau_all, _ = all_gather_rows(inv_tau)
-    pos_all = all_gather_rows(pos)[0] if has_pos else None
+    counts = [v[2] for v in votes]
+    x_all, _ = all_gather_rows(x, counts=counts)
+    inv_tau_all, _ = all_gather_rows(inv_tau, counts=counts)
+    pos_all = all_gather_rows(pos, counts=counts)[0] if has_pos else None
     pos_here = pos_all if dist.get_rank() == 0 else None  # the positive enters one shard's partial only
     lse, mu = bank_softmax_stats(x_all, inv_tau_all, shard, pos_here, backend=backend)
 

@@ -6,11 +6,13 @@ augmentation from (seed, epoch, sample index), so a resumed deterministic CPU ru
 losses exactly. The DALI loader resumes at the same batch with the same images but draws its augmentations from DALI's
 sequential stream, reseeded from (seed, epoch, rank, start step): after a mid-epoch resume they differ from the
 uninterrupted run's (same distribution), so its losses do too.
+
+No device read inside a step: each step's loss, metrics and bank checks come back one step late (step_readback.py),
+and every step is read before anything is evaluated, saved or reported as finished.
 """
 
 from __future__ import annotations
 
-import math
 import pickle
 import random
 import shutil
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastssl.bank import NonFiniteKeysError
+from fastssl.bank import MemoryBank
 from fastssl.collectives import agree, comm_device
 from fastssl.data import make_loader, resolve_views
 from fastssl.data.presets import RECIPES, get_views
@@ -41,6 +43,7 @@ from fastssl.train.distributed import DistContext, setup_distributed, teardown_d
 from fastssl.train.methods import Method, build_method
 from fastssl.train.optim import build_optimizer, lr_at, momentum_at, scaled_lr
 from fastssl.train.run_log import RunLog
+from fastssl.train.step_readback import OK, StepReadback, StepResult, describe
 
 
 class NonFiniteLossError(RuntimeError):
@@ -151,6 +154,10 @@ class Trainer:
                 raise
             raise ConfigError(str(error)) from error
         self.method: Method = method.to(self.ctx.device)
+        # Banks check their keys' values a step late, with the loss (step_readback.py): no device read inside a step.
+        self.banks = [module for module in self.method.modules() if isinstance(module, MemoryBank)]
+        for bank in self.banks:
+            bank.value_checks = "deferred"
         if hasattr(self.method, "set_total_steps"):
             self.method.set_total_steps(self.total_steps)
         if config.data.channels_last:
@@ -342,7 +349,10 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
-    def train_step(self, batch: dict[str, Any]) -> tuple[float, dict[str, float]]:
+    def train_step(self, batch: dict[str, Any]) -> StepReadback:
+        """Queues one step (forward, backward, optimizer, EMA) without reading anything back from the device (except
+        fp16 AMP's GradScaler, which reads its inf check). Its loss and checks come back through the returned
+        readback, which :meth:`finish` reads."""
         config, step = self.config, self.global_step
         lr = lr_at(step, self.total_steps, self.base_lr, config.optim)
         for group in self.optimizer.param_groups:
@@ -353,26 +363,30 @@ class Trainer:
         views = [v.to(self.ctx.device, non_blocking=True) for v in batch["views"]]
         labels = batch["label"].to(self.ctx.device, non_blocking=True)
         self._unsaved = True
-        try:
-            with self._autocast():
-                loss, metrics = self.model(views, labels, step)
-        except NonFiniteKeysError:  # the teacher diverged too: its keys reached the bank before the loss was seen
-            self._stop_non_finite("non-finite teacher keys", step)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            self._stop_non_finite(f"non-finite loss ({loss_value})", step)
+        with self._autocast():
+            loss, metrics = self.model(views, labels, step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if not self.method.ema_before_forward:
             self.method.momentum_update(m)
-        return loss_value, {"lr": lr, "momentum": m, **metrics}
+        checks = [bank.take_value_stats() for bank in self.banks]
+        return StepReadback(step, self.epoch, self.step_in_epoch, loss, {"lr": lr, "momentum": m, **metrics}, checks)
 
-    def _stop_non_finite(self, what: str, step: int) -> NoReturn:
+    def finish(self, readback: StepReadback) -> StepResult:
+        """Reads a queued step's values; a NaN/inf loss, non-finite teacher keys or an all-zero key row (on any rank)
+        stops training naming that step. The trainer reads every step before it checkpoints, evaluates or stops, so
+        no checkpoint holds an unchecked step."""
+        result = readback.read()
+        if result.problem != OK:
+            self._stop_non_finite(describe(result), result)
+        return result
+
+    def _stop_non_finite(self, what: str, result: StepResult) -> NoReturn:
         last = latest_checkpoint(self.checkpoint_dir)
         raise NonFiniteLossError(
-            f"{what} at step {step} (epoch {self.epoch}, batch {self.step_in_epoch}); stopped without saving. "
+            f"{what} at step {result.step} (epoch {result.epoch}, batch {result.batch}); stopped without saving. "
             f"Last good checkpoint: {last if last else 'none'}"
         )
 
@@ -400,28 +414,44 @@ class Trainer:
         started = time.perf_counter()
         images_per_step = self.global_batch
         stop_reason = self._stop_reason(started)
+        pending: StepReadback | None = None  # the last queued step, read once the next one is queued
+
+        def read_pending() -> None:
+            nonlocal pending
+            if pending is not None:
+                result = self.finish(pending)
+                losses.append(result.loss)
+                self._report(result, img_s, progress)
+                pending = None
+
+        img_s = 0.0
         try:
             while stop_reason is None and self.epoch < run.epochs:
                 self.loader.resume(self.epoch, self.step_in_epoch)
                 tick = time.perf_counter()
                 for batch in self.loader:
-                    loss, metrics = self.train_step(batch)
-                    losses.append(loss)
+                    queued = self.train_step(batch)
+                    read_pending()  # the previous step: the GPU has finished it while this one was queued
+                    pending = queued
                     self.global_step += 1
                     self.step_in_epoch += 1
                     if self.step_in_epoch == self.steps_per_epoch:
                         self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     now = time.perf_counter()
                     img_s, tick = images_per_step / max(now - tick, 1e-9), now
-                    self._report(loss, metrics, img_s, progress)
                     stop_reason = self._stop_reason(started)
+                    knn_due = bool(run.knn_every) and self.global_step % run.knn_every == 0
+                    save_due = bool(run.checkpoint_every) and self.global_step % run.checkpoint_every == 0
+                    if stop_reason is not None or knn_due or save_due or self.step_in_epoch == 0:
+                        read_pending()  # nothing is evaluated or saved before its step is checked
                     if stop_reason is not None:
                         break  # the final evaluation and checkpoint follow the loop
                     # evaluate before checkpointing, so a checkpoint holds every evaluation logged up to its step
-                    if run.knn_every and self.global_step % run.knn_every == 0:
+                    if knn_due:
                         self.knn(f"step {self.global_step}")
-                    if run.checkpoint_every and self.global_step % run.checkpoint_every == 0:
+                    if save_due:
                         self.save()
+                read_pending()  # a loader that ended early
                 if stop_reason is None and self.step_in_epoch == 0:
                     self.save()  # epoch end
         finally:
@@ -447,13 +477,14 @@ class Trainer:
             return f"time budget of {run.time_budget_s:g} s reached"
         return None
 
-    def _report(self, loss: float, metrics: dict[str, float], img_s: float, progress) -> None:
+    def _report(self, result: StepResult, img_s: float, progress) -> None:
         """Scalars every ``log_every`` steps (and the first), and the progress bar every step (rank 0)."""
         if not self.ctx.is_main:
             return
-        if self.global_step % self.config.run.log_every == 0 or self.global_step == 1:
+        done, loss, metrics = result.step + 1, result.loss, result.metrics
+        if done % self.config.run.log_every == 0 or done == 1:
             scalars = {"train/loss": loss, "train/img_per_s": img_s, **{f"train/{k}": v for k, v in metrics.items()}}
-            self.log.scalars(self.global_step, scalars)
+            self.log.scalars(done, scalars)
         if progress is not None:
             shown = {"loss": f"{loss:.4f}", "lr": f"{metrics['lr']:.3g}", "img/s": f"{img_s:.0f}"}
             if "purity" in metrics:

@@ -24,5 +24,5 @@ class MSF(Method):
     def loss(self, views, labels, step):
         weak, strong = views[0], views[1]
         loss = self.criterion(self.student(strong), self.teacher(weak), labels)
-        purity = self.criterion.last_purity
-        return loss, {} if purity is None else {"purity": float(purity)}
+        purity = self.criterion.last_purity  # a device tensor: the trainer reads it a step late, with the loss
+        return loss, {} if purity is None else {"purity": purity.detach()}
