@@ -68,6 +68,7 @@ GPU_TESTS = [
     "tests/test_bank_topk.py",
     "tests/test_msf.py",
     "tests/test_cuda_graphs.py",
+    "tests/test_train_step_readback.py",
 ]
 # (script, extra arguments, time limit in s): full shape matrix for the fused providers, torch.compile on the targets.
 BENCHMARKS = [

@@ -12,12 +12,16 @@ from fastssl.train.trainer import NonFiniteLossError, Trainer
 METHODS = ["mocov2", "isd", "msf", "ressl", "byol", "nnclr", "sdssl"]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", METHODS)
-def test_train_step_reads_nothing_and_its_readback_is_the_step_loss(name, tmp_path):
+def test_train_step_reads_nothing_and_its_readback_is_the_step_loss(name, device, tmp_path):
     """Every method's step (forward, enqueue, backward, optimizer, EMA) makes no device read: no item/float/int/bool
     and no tolist. The readback then returns that step's loss and tensor metrics bit for bit (oracle: the tensors the
-    method returned, read directly)."""
-    trainer = Trainer(load_config(f"tiny_{name}", [f"run.out_dir={tmp_path}"]))
+    method returned, read directly). On a GPU this also runs the pinned-memory copy and its event."""
+    trainer = Trainer(load_config(f"tiny_{name}", [f"run.out_dir={tmp_path}", f"run.device={device}"]))
     returned = []
     real_loss = trainer.method.loss
 
