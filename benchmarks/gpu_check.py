@@ -208,12 +208,20 @@ def algorithm_comparison(rows: list[dict]) -> list[str]:
 
 
 def config_sweep(
-    out_dir: Path, *, device: str = "cuda", num_keys: int = 2**20, num_rows: int = 512, bench=None
+    out_dir: Path,
+    *,
+    device: str = "cuda",
+    num_keys: int = 2**20,
+    num_rows: int = 512,
+    bench=None,
+    time_left=None,
 ) -> list[dict]:
     """Time launch configurations of each kernel at the target shapes (results only inform the tables).
 
     ``device``, ``num_keys``, ``num_rows`` and ``bench`` (a callable fn -> ms; default triton's do_bench) exist so the
-    test suite can run the same sweep on tiny shapes in Triton's CPU interpreter. Returns the rows written."""
+    test suite can run the same sweep on tiny shapes in Triton's CPU interpreter. ``time_left`` (a callable -> s):
+    once it drops under 15 s the remaining configs are recorded as skipped and the results written, so a device
+    command's time limit never loses the sweep. Returns the rows written."""
     import fastssl.kernels.bank_softmax_stats as stats_module
     import fastssl.kernels.bank_topk as topk_module
     from fastssl.kernels.bank_softmax_stats import bank_softmax_stats
@@ -226,6 +234,8 @@ def config_sweep(
             return do_bench(fn, rep=50)
 
     def timed(fn) -> float | str:
+        if time_left is not None and time_left() < 15:
+            return "skipped: deadline"
         try:
             return float(bench(fn))
         except Exception as exc:  # noqa: BLE001 - out of resources etc. is a result here
@@ -330,20 +340,34 @@ def main(argv: list[str] | None = None) -> int:
             # the sweep first: it is short and decides the config tables; the loss benchmarks then use those tables
             ["sweep"] + [Path(script).stem for script, _, _ in BENCHMARKS] if not args.skip_benchmarks else []
         )
+    summary_name = (
+        "gpu_check_extra.json"
+        if args.extra
+        else f"gpu_check{'_' + args.only.replace(',', '_') if args.only else ''}.json"
+    )
+
+    def write_summary() -> dict:
+        """Rewritten after every step, so a command killed at its time limit keeps what ran."""
+        summary = {"environment": env, "steps": steps, "total_seconds": round(time.perf_counter() - t_start, 1)}
+        (out_dir / summary_name).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        return summary
+
     for name in selected:
+        write_summary()
         if name == "tests":
             # -P keeps the checkout's own uninstalled ``fastssl/`` (no kernels subpackage) off the front of sys.path.
             cmd = [sys.executable, "-P", "-m", "pytest", "-q", "--maxfail=20", "--durations=15"]
             tests = args.tests if args.tests is not None else [t for t in GPU_TESTS if (ROOT / t).exists()]
-            # ~190-215 s on the H100 before the two-pass top-k doubled its kernel tests
-            step(cmd + [f"--junitxml={out_dir / 'pytest_gpu.xml'}", *tests], 330, out_dir / "pytest_gpu.log")
+            # ~190-215 s on the H100 before the two-pass top-k doubled its kernel tests; alone, the whole deadline
+            limit = 330 if len(selected) > 1 else left() - 10
+            step(cmd + [f"--junitxml={out_dir / 'pytest_gpu.xml'}", *tests], limit, out_dir / "pytest_gpu.log")
         elif name == "sweep":
             t0 = time.perf_counter()
             if left() < 60:
                 steps.append({"cmd": "config_sweep", "returncode": "skipped: deadline", "seconds": 0.0})
                 continue
             try:
-                config_sweep(out_dir)
+                config_sweep(out_dir, time_left=left)
                 steps.append({"cmd": "config_sweep", "returncode": 0, "seconds": round(time.perf_counter() - t0, 1)})
             except Exception as exc:  # noqa: BLE001 - recorded, the results above stay valid
                 steps.append({"cmd": "config_sweep", "returncode": f"{type(exc).__name__}: {exc}"[:300]})
@@ -351,13 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             script, extra, limit = scripts[name]
             cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--out-dir", str(out_dir), *extra]
             step(cmd, limit, out_dir / f"{name}.log")
-    summary = {"environment": env, "steps": steps, "total_seconds": round(time.perf_counter() - t_start, 1)}
-    summary_name = (
-        "gpu_check_extra.json"
-        if args.extra
-        else f"gpu_check{'_' + args.only.replace(',', '_') if args.only else ''}.json"
-    )
-    (out_dir / summary_name).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    summary = write_summary()
     print(json.dumps(summary, indent=2))
     return 0 if all(s["returncode"] == 0 for s in steps) else 1
 

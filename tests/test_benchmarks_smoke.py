@@ -241,3 +241,24 @@ def test_gpu_check_config_sweep_runs_every_config_in_the_interpreter(tmp_path) -
     assert "Suggested sm_90 table changes" in markdown and "CONFIGS_SM90[(" in markdown
     for d in (128, 512):
         assert f"D = {d}, k = 10: one_pass " in markdown and "two_pass / one_pass = " in markdown
+
+
+def test_gpu_check_config_sweep_stops_at_its_deadline_and_still_writes(tmp_path) -> None:
+    """A device command has a hard time limit: once time_left() drops under 15 s the sweep records the remaining
+    configs as skipped (launching nothing) and still writes its results, so what was timed is kept."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    launched = []
+    budget = iter([100.0] * 3 + [0.0] * 10_000)  # three configs fit, then the deadline
+
+    def bench(fn) -> float:
+        launched.append(fn)
+        return float(len(launched))
+
+    rows = gpu_check.config_sweep(
+        tmp_path, device="cpu", num_keys=130, num_rows=8, bench=bench, time_left=lambda: next(budget)
+    )
+    assert [r["ms"] for r in rows[:3]] == [1.0, 2.0, 3.0] and len(launched) == 3
+    assert len(rows) > 3 and all(r["ms"] == "skipped: deadline" for r in rows[3:])
+    assert "Suggested sm_90 table changes" in (tmp_path / "kernel_configs.md").read_text()
