@@ -109,6 +109,8 @@ def measure(
     for bank in banks:
         bank.value_checks = "deferred"
 
+    pending: list[StepReadback] = []
+
     def step() -> None:
         method.momentum_update(0.99)
         with autocast:
@@ -116,7 +118,9 @@ def measure(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        StepReadback(100, 0, 100, loss, metrics, [bank.take_value_stats() for bank in banks])
+        pending.append(StepReadback(100, 0, 100, loss, metrics, [bank.take_value_stats() for bank in banks]))
+        if len(pending) == 2:  # the previous step's read, once this one is queued: as far ahead as the trainer runs
+            pending.pop(0).read()
 
     with torch.no_grad(), autocast:
         student = method.student(views[1]).float()

@@ -65,7 +65,9 @@ class MemoryBank(nn.Module):
             read and accumulates the same two numbers on the device; :meth:`take_value_stats` hands them over and
             :func:`value_problem` names the problem. A bad batch is then written before anyone knows: the training
             loop uses this to check one step later, with its loss, and stops without saving. Shape, dtype and device
-            checks stay immediate in both modes.
+            checks stay immediate in both modes. Under torch.distributed the stats cover this rank's own keys only:
+            the caller must agree on them across ranks (the trainer all-reduces its problem code), or a rank that
+            stops alone leaves the others waiting in the next collective.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class MemoryBank(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host_ptr, self._host_count = int(self.ptr), int(self.count)  # one sync per load, none per step
+        self._value_stats = None  # pending deferred checks were of the rows just replaced
 
     @property
     def is_full(self) -> bool:
@@ -220,7 +223,7 @@ class MemoryBank(nn.Module):
             raise error(f"MemoryBank.enqueue: {message}")
         if self.value_checks == "deferred" and keys.shape[0]:
             stats = _value_stats(keys)
-            previous = self._value_stats
+            previous = None if self._value_stats is None else self._value_stats.to(stats.device)  # after a .to()
             self._value_stats = (
                 stats
                 if previous is None

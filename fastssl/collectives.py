@@ -35,7 +35,8 @@ def all_gather_rows(
         t: (rows, ...) this rank's part.
         out_device: where the result goes (default: t's device).
         counts: every rank's row count, when the caller already exchanged them (saves an all-gather and a device
-            read); it must be what every rank passes as ``t``.
+            read); it must be what every rank passes as ``t`` (the caller agrees on that across ranks first: a
+            mismatch here raises on this rank only).
 
     Returns:
         (sum of rows, *t.shape[1:]) tensor on ``out_device``, and the row count of each rank.
@@ -43,6 +44,8 @@ def all_gather_rows(
     comm = comm_device(t)
     if counts is None:
         counts = [row[0] for row in all_gather_ints([t.shape[0]], comm)]
+    elif counts[dist.get_rank()] != t.shape[0]:  # a caller's bug; checking the agreed counts is the caller's job
+        raise ValueError(f"all_gather_rows: {t.shape[0]} rows here, but counts say {counts[dist.get_rank()]}")
     padded = torch.zeros((max(counts), *t.shape[1:]), dtype=t.dtype, device=comm)
     padded[: t.shape[0]] = t.to(comm)
     parts = [torch.empty_like(padded) for _ in range(len(counts))]
@@ -56,10 +59,3 @@ def agree(ok: bool, device: torch.device) -> bool:
     flag = torch.tensor([0 if ok else 1], device=device)
     dist.all_reduce(flag)
     return int(flag) == 0
-
-
-def worst(code: int, device: torch.device) -> int:
-    """The largest of every rank's ``code`` (one all-reduce): every rank learns the most severe of their outcomes."""
-    flag = torch.tensor([code], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag)

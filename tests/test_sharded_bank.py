@@ -75,12 +75,24 @@ def worker(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
             bad_error = ""
         except ValueError as error:
             bad_error = str(error)
+        # Row counts are agreed once for x, inv_tau and pos: inv_tau rows that do not match x's on rank 1 only make
+        # every rank raise (gathering them with x's counts would return a wrong LSE, or leave a rank waiting).
+        from fastssl.ops.sharded_bank_softmax_stats import sharded_bank_softmax_stats
+
+        x = torch.nn.functional.normalize(student, dim=1)
+        inv_tau = torch.full((x.shape[0] if rank == 0 else 1,), 10.0, dtype=torch.float64)
+        try:
+            sharded_bank_softmax_stats(x, inv_tau, bank.keys, None, backend="streaming")
+            rows_error = ""
+        except ValueError as error:
+            rows_error = str(error)
         torch.save(
             {
                 "records": records,
                 "topk_error": topk_error,
                 "empty_error": empty_error,
                 "bad_error": bad_error,
+                "rows_error": rows_error,
                 "shard": bank.keys.clone(),
             },
             f"{out_dir}/rank{rank}.pt",
@@ -114,6 +126,7 @@ def test_sharded_losses_equal_the_whole_bank(tmp_path):
         assert "sharded" in results[rank]["topk_error"]
         assert "no valid rows" in results[rank]["empty_error"]
     assert "another rank" in results[0]["bad_error"] and "has shape" in results[1]["bad_error"]
+    assert all("inv_tau or pos rows do not match" in r["rows_error"] for r in results)
 
 
 def test_sharded_needs_a_merging_backend():

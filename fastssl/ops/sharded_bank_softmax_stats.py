@@ -49,14 +49,18 @@ def sharded_bank_softmax_stats(
         concatenated bank.
 
     Raises:
-        ValueError: on every rank, if any rank's shard is empty or ranks disagree on passing ``pos``.
+        ValueError: on every rank, if any rank's shard is empty, ranks disagree on passing ``pos``, or a rank's
+            ``inv_tau`` / ``pos`` rows do not match its ``x`` rows.
     """
     device = comm_device(x)
     has_pos = pos is not None
     # One agreement round before the other collectives (a rank raising alone would leave the others waiting), with
     # one device read: whether each rank's shard is empty, whether it passed a positive key, and its row count.
-    votes = all_gather_ints([int(shard.shape[0] == 0), int(has_pos), x.shape[0]], device)
+    rows_match = inv_tau.shape[:1] == x.shape[:1] and (pos is None or pos.shape[:1] == x.shape[:1])
+    votes = all_gather_ints([int(shard.shape[0] == 0), int(has_pos), x.shape[0], int(not rows_match)], device)
     empty_shards, pos_votes = sum(v[0] for v in votes), sum(v[1] for v in votes)
+    if any(v[3] for v in votes):
+        raise ValueError("sharded bank: a rank's inv_tau or pos rows do not match its query rows")
     if empty_shards:
         raise ValueError("sharded bank: a rank's shard has no valid rows yet (enqueue on every rank first)")
     if pos_votes not in (0, dist.get_world_size()):

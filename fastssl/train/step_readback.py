@@ -65,30 +65,29 @@ class StepReadback:
         self.where = (step, epoch, batch)
         self.host_metrics = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
         self.tensor_names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
-        loss = loss.detach().float().reshape(1)
+        # Classified in their own dtypes (fastssl.bank.value_problem's rule, on the device), packed as fp64 so fp64
+        # values are neither misclassified nor rounded on the way back.
+        loss = loss.detach().reshape(1)
         code = torch.where(torch.isfinite(loss), OK, NON_FINITE_LOSS)
         for stats in value_stats:
             if stats is None:
                 continue
-            stats = stats.float()
-            # fastssl.bank.value_problem's rule, on the device: non-finite largest entry, else a zero smallest row max.
             keys_code = torch.where(
                 ~torch.isfinite(stats[1:]), NON_FINITE_KEYS, torch.where(stats[:1] == 0, ZERO_KEY_ROW, OK)
             )
-            code = torch.maximum(code, keys_code.to(code.dtype))
-        own = code.float()
-        worst = own
+            code = torch.maximum(code, keys_code.to(code.device))
+        worst = code
         if distributed_world() > 1:
-            shared = own.to(comm_device(own), copy=True)
+            shared = code.to(comm_device(code), copy=True)
             dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-            worst = shared.to(own.device)
-        metric_values = [metrics[k].detach().float().reshape(1) for k in self.tensor_names]
-        packed = torch.cat([loss, own, worst, *(v.to(loss.device) for v in metric_values)])
+            worst = shared.to(code.device)
+        metric_values = [metrics[k].detach().reshape(1).to(loss.device) for k in self.tensor_names]
+        packed = torch.cat([v.to(torch.float64) for v in (loss, code, worst, *metric_values)])
         if packed.is_cuda:
             self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self.host.copy_(packed, non_blocking=True)
             self.ready = torch.cuda.Event()
-            self.ready.record()
+            self.ready.record(torch.cuda.current_stream(packed.device))
         else:
             self.host, self.ready = packed, None
 

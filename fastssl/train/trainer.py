@@ -155,7 +155,9 @@ class Trainer:
             raise ConfigError(str(error)) from error
         self.method: Method = method.to(self.ctx.device)
         # Banks check their keys' values a step late, with the loss (step_readback.py): no device read inside a step.
+        # Set here (train_step alone runs deferred too) and restored when fit ends.
         self.banks = [module for module in self.method.modules() if isinstance(module, MemoryBank)]
+        self._bank_modes = [(bank, bank.value_checks) for bank in self.banks]
         for bank in self.banks:
             bank.value_checks = "deferred"
         if hasattr(self.method, "set_total_steps"):
@@ -454,9 +456,23 @@ class Trainer:
                 read_pending()  # a loader that ended early
                 if stop_reason is None and self.step_in_epoch == 0:
                     self.save()  # epoch end
+        except Exception as error:
+            # What surfaced in a later step (a loader error, a CUDA error) may follow a bad step not read yet: name
+            # that step, the likely cause, chained to the error.
+            unread, pending = (pending, None) if not isinstance(error, NonFiniteLossError) else (None, None)
+            if unread is not None:
+                try:
+                    self.finish(unread)
+                except NonFiniteLossError as bad:
+                    raise bad from error
+                except Exception:  # noqa: BLE001 - the original error is the one to show
+                    pass
+            raise
         finally:
             if progress is not None:
                 progress.close()
+            for bank, mode in self._bank_modes:  # library use of the method after training checks immediately again
+                bank.value_checks = mode
         elapsed = time.perf_counter() - started
         stop_reason = stop_reason or "finished"
         if losses or not evaluated_here:  # a resumed run that had nothing left to do was evaluated before it stopped
