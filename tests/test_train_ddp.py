@@ -23,11 +23,24 @@ def worker(out_dir: str) -> None:
     result = trainer.fit()
     rank = int(os.environ["RANK"])
     stopped = poisoned_run(out_dir, rank)
+    budget = budget_run(out_dir, rank)
     torch.save(
-        {"method": trainer.method.state_dict(), "losses": result["losses"], "stopped": stopped},
+        {"method": trainer.method.state_dict(), "losses": result["losses"], "stopped": stopped, "budget": budget},
         Path(out_dir) / f"rank{rank}.pt",
     )
     teardown_distributed()
+
+
+def budget_run(out_dir: str, rank: int) -> tuple[int, str]:
+    """A third run in which only rank 1 has a (tiny) time budget: clocks differ between ranks, so the budget is a vote
+    carried by the step readbacks, and both ranks stop at the same step instead of rank 1 stopping alone."""
+    from fastssl.train.config import load_config
+    from fastssl.train.trainer import Trainer
+
+    overrides = [f"run.out_dir={out_dir}/budget", "run.max_steps=6", "run.knn_monitor=false"]
+    overrides += ["run.time_budget_s=0.000001"] if rank == 1 else []
+    result = Trainer(load_config("tiny_mocov2", overrides)).fit()
+    return result["steps"], result["stop_reason"]
 
 
 def poisoned_run(out_dir: str, rank: int) -> str:
@@ -82,6 +95,8 @@ def test_two_rank_torchrun_keeps_banks_and_weights_identical(tmp_path):
     assert (tmp_path / "tiny_msf" / "checkpoints").is_dir()  # rank 0 wrote the checkpoints
     assert ranks[1]["stopped"].startswith("non-finite loss (nan) at step 2 ")
     assert ranks[0]["stopped"].startswith("non-finite loss on another rank at step 2 ")
+    (steps0, reason0), (steps1, reason1) = ranks[0]["budget"], ranks[1]["budget"]
+    assert steps0 == steps1 < 6 and "time budget" in reason0 and "time budget" in reason1
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class StepResult:
     metrics: dict[str, float]
     problem: int  # worst problem code over this rank's values and (distributed) every rank's
     own_problem: int  # this rank's own
+    stop_vote: bool = False  # some rank voted to stop (its time budget ran out)
 
 
 class StepReadback:
@@ -51,6 +52,8 @@ class StepReadback:
         loss: () loss tensor of the step.
         metrics: name → float or 0-d/1-element tensor (tensors are read back with the loss).
         value_stats: the banks' ``take_value_stats()`` results (None entries are skipped).
+        stop_vote: this rank wants to stop (its time budget ran out); the vote is all-reduced with the problem code,
+            so every rank learns it at the same step and they stop together.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class StepReadback:
         loss: torch.Tensor,
         metrics: dict[str, float | torch.Tensor],
         value_stats: list[torch.Tensor | None],
+        stop_vote: bool = False,
     ) -> None:
         self.where = (step, epoch, batch)
         self.host_metrics = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
@@ -76,13 +80,13 @@ class StepReadback:
                 ~torch.isfinite(stats[1:]), NON_FINITE_KEYS, torch.where(stats[:1] == 0, ZERO_KEY_ROW, OK)
             )
             code = torch.maximum(code, keys_code.to(code.device))
-        worst = code
+        agreed = torch.cat([code, torch.full_like(code, int(stop_vote))])  # a fill, not a host-to-device copy
         if distributed_world() > 1:
-            shared = code.to(comm_device(code), copy=True)
+            shared = agreed.to(comm_device(agreed), copy=True)
             dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-            worst = shared.to(code.device)
+            agreed = shared.to(code.device)
         metric_values = [metrics[k].detach().reshape(1).to(loss.device) for k in self.tensor_names]
-        packed = torch.cat([v.to(torch.float64) for v in (loss, code, worst, *metric_values)])
+        packed = torch.cat([v.to(torch.float64) for v in (loss, code, agreed, *metric_values)])
         if packed.is_cuda:
             self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self.host.copy_(packed, non_blocking=True)
@@ -96,10 +100,10 @@ class StepReadback:
         if self.ready is not None:
             self.ready.synchronize()
         values = self.host.tolist()
-        loss, own, worst, *tensor_metrics = values
+        loss, own, worst, stop_vote, *tensor_metrics = values
         step, epoch, batch = self.where
         metrics = {**self.host_metrics, **dict(zip(self.tensor_names, tensor_metrics, strict=True))}
-        return StepResult(step, epoch, batch, loss, metrics, int(worst), int(own))
+        return StepResult(step, epoch, batch, loss, metrics, int(worst), int(own), bool(stop_vote))
 
 
 def describe(result: StepResult) -> str:

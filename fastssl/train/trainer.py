@@ -184,6 +184,7 @@ class Trainer:
             self.method.backbone.compile()
         self.global_step = self.epoch = self.step_in_epoch = 0
         self._unsaved = True  # state changed since the last checkpoint (or there is none yet)
+        self._budget_voted = False  # a rank's time budget ran out (distributed: read from the step readbacks)
         self.knn_history: list[dict[str, Any]] = []
         mean, std = views[0].mean, views[0].std
         self.monitor = monitor_splits(
@@ -351,7 +352,7 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
-    def train_step(self, batch: dict[str, Any]) -> StepReadback:
+    def train_step(self, batch: dict[str, Any], stop_vote: bool = False) -> StepReadback:
         """Queues one step (forward, backward, optimizer, EMA) without reading anything back from the device (except
         fp16 AMP's GradScaler, which reads its inf check). Its loss and checks come back through the returned
         readback, which :meth:`finish` reads."""
@@ -374,7 +375,8 @@ class Trainer:
         if not self.method.ema_before_forward:
             self.method.momentum_update(m)
         checks = [bank.take_value_stats() for bank in self.banks]
-        return StepReadback(step, self.epoch, self.step_in_epoch, loss, {"lr": lr, "momentum": m, **metrics}, checks)
+        where = (step, self.epoch, self.step_in_epoch)
+        return StepReadback(*where, loss, {"lr": lr, "momentum": m, **metrics}, checks, stop_vote=stop_vote)
 
     def finish(self, readback: StepReadback) -> StepResult:
         """Reads a queued step's values; a NaN/inf loss, non-finite teacher keys or an all-zero key row (on any rank)
@@ -424,6 +426,7 @@ class Trainer:
                 result = self.finish(pending)
                 losses.append(result.loss)
                 self._report(result, img_s, progress)
+                self._budget_voted |= result.stop_vote
                 pending = None
 
         img_s = 0.0
@@ -432,7 +435,7 @@ class Trainer:
                 self.loader.resume(self.epoch, self.step_in_epoch)
                 tick = time.perf_counter()
                 for batch in self.loader:
-                    queued = self.train_step(batch)
+                    queued = self.train_step(batch, stop_vote=self._time_up(started))
                     read_pending()  # the previous step: the GPU has finished it while this one was queued
                     pending = queued
                     self.global_step += 1
@@ -482,14 +485,22 @@ class Trainer:
         self.log.close()
         return result
 
+    def _time_up(self, started: float) -> bool:
+        budget = self.config.run.time_budget_s
+        return budget is not None and time.perf_counter() - started >= budget
+
     def _stop_reason(self, started: float) -> str | None:
-        """Why training stops now, or None to go on."""
+        """Why training stops now, or None to go on. Every rank must decide alike (a rank that stops alone leaves the
+        others waiting in a collective): steps are the same everywhere, but clocks are not, so under torch.distributed
+        the time budget is a vote carried by the step readbacks (any rank's vote stops all of them at the same step)."""
         run = self.config.run
         if self.global_step >= self.total_steps:
             return "finished"
         if run.stop_at_step is not None and self.global_step >= run.stop_at_step:
             return f"stopped at step {run.stop_at_step} (run.stop_at_step)"
-        if run.time_budget_s is not None and time.perf_counter() - started >= run.time_budget_s:
+        if self._budget_voted if self.ctx.world_size > 1 else self._time_up(started):
+            if run.time_budget_s is None:  # only another rank's config set one
+                return "time budget of another rank reached"
             return f"time budget of {run.time_budget_s:g} s reached"
         return None
 
