@@ -31,14 +31,26 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
     return optim.lr * global_batch / optim.base_batch
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
-    """SGD (momentum), LARS (timm) or AdamW at the linearly scaled learning rate."""
+def build_optimizer(
+    model: nn.Module, optim: OptimConfig, global_batch: int, *, fused: bool = False
+) -> torch.optim.Optimizer:
+    """SGD (momentum), LARS (timm) or AdamW at the linearly scaled learning rate.
+
+    Args:
+        fused: AdamW uses PyTorch's fused kernel (the trainer asks for it under fp16 AMP). A fused optimizer takes
+            the GradScaler's ``found_inf`` as a device tensor and skips the update on the device, so
+            ``GradScaler.step`` does not read its inf check back. SGD is never fused: PyTorch's fused SGD allocates
+            its momentum buffers uninitialized on the first step and leaves them so when the scaler skips that step
+            (the usual fp16 overflow at the start of training), then treats them as valid (reproduced in
+            ``tests/test_train_amp.py``). timm's LARS has no fused form. Under fp16 both read the inf check once
+            per step.
+    """
     lr = scaled_lr(optim, global_batch)
     groups = parameter_groups(model, optim.exclude_bn_bias, optim.weight_decay)
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum)
     if optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), fused=fused or None)
     from timm.optim import Lars
 
     return Lars(groups, lr=lr, momentum=optim.momentum)

@@ -167,7 +167,9 @@ class Trainer:
         if config.model.sync_bn and self.ctx.world_size > 1:
             self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         self.base_lr = scaled_lr(config.optim, self.global_batch)
-        self.optimizer = build_optimizer(self.method, config.optim, self.global_batch)
+        # fp16: a fused AdamW keeps the GradScaler's inf check on the device (no read per step)
+        fused = config.run.amp == "fp16"
+        self.optimizer = build_optimizer(self.method, config.optim, self.global_batch, fused=fused)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=run.amp == "fp16")
         self.model: nn.Module = self.method
         if self.ctx.world_size > 1:
@@ -354,8 +356,8 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Any], stop_vote: bool = False) -> StepReadback:
         """Queues one step (forward, backward, optimizer, EMA) without reading anything back from the device (except
-        fp16 AMP's GradScaler, which reads its inf check). Its loss and checks come back through the returned
-        readback, which :meth:`finish` reads."""
+        under fp16 AMP with SGD or LARS, whose GradScaler reads its inf check). Its loss and checks come back through
+        the returned readback, which :meth:`finish` reads."""
         config, step = self.config, self.global_step
         lr = lr_at(step, self.total_steps, self.base_lr, config.optim)
         for group in self.optimizer.param_groups:
