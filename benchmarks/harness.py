@@ -544,8 +544,15 @@ def cuda_graph_trial(trial: Trial, *, warmup_calls: int = 3) -> Trial:
                 trial.step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = trial.step()
+        stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph):
+                out = trial.step()
+        except Exception as error:
+            # a failed capture_end skips the graph context's stream restore: later providers would run on its
+            # capture stream
+            torch.cuda.set_stream(stream)
+            raise RuntimeError(f"the step cannot be captured in a CUDA graph: {error}") from error
         captured.update(graph=graph, out=out)
         graph.replay()
         torch.cuda.synchronize()
@@ -588,7 +595,8 @@ def run_matrix(
     reference leaves the cell uncompared). A provider that raises one of :data:`PROVIDER_ERRORS` on its first run
     gives a row with ``ms=None`` and ``error``; the run goes on. :data:`COMPILED_PROVIDERS` are skipped off the target
     shapes under ``--compile-targets-only``. A provider named ``<name>_graph`` is timed as a CUDA-graph replay of its
-    step (:func:`cuda_graph_trial`; its trial needs ``collect``). Each measured row is printed as it is done.
+    step (:func:`cuda_graph_trial`; its trial needs ``collect``). Each measured row is printed as it is done; an
+    interrupt (gpu_check's SIGINT at its time limit) ends the loop and returns the rows measured so far.
 
     Args:
         args: parsed matrix command line (:func:`add_matrix_options`).
@@ -607,38 +615,41 @@ def run_matrix(
     """
     providers = select_providers(providers, args.providers)
     rows: list[dict[str, Any]] = []
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    for shape in shapes:
-        n, k, d = shape
-        cost = {"flops": flops_per_nkd * n * k * d, "bank_bytes": 2.0 * k * d}
-        inputs = make_inputs(shape, gen, device)
-        for mode in modes:
-            reference = None
-            for name, fn in providers.items():
-                if name in COMPILED_PROVIDERS and args.compile_targets_only and shape not in targets:
-                    continue
-                row = new_row(shape, mode, name)
-                cell = trial(fn, inputs, mode)
-                if name.endswith(GRAPH_SUFFIX):
-                    cell = cuda_graph_trial(cell)
-                try:
-                    result = cell.first_run()
-                except PROVIDER_ERRORS as exc:
-                    row.update(ms=None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        for shape in shapes:
+            n, k, d = shape
+            cost = {"flops": flops_per_nkd * n * k * d, "bank_bytes": 2.0 * k * d}
+            inputs = make_inputs(shape, gen, device)
+            for mode in modes:
+                reference = None
+                for name, fn in providers.items():
+                    if name in COMPILED_PROVIDERS and args.compile_targets_only and shape not in targets:
+                        continue
+                    row = new_row(shape, mode, name)
+                    cell = trial(fn, inputs, mode)
+                    if name.endswith(GRAPH_SUFFIX):
+                        cell = cuda_graph_trial(cell)
+                    try:
+                        result = cell.first_run()
+                    except PROVIDER_ERRORS as exc:
+                        row.update(ms=None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                        rows.append(add_roofline(row, **cost))
+                        _release_cache(device)
+                        continue
+                    if name == "reference":
+                        reference = result
+                    if reference is not None:
+                        row.update(compare(result, reference, name))
+                    row["ms"] = time_ms(
+                        cell.step, warmup=args.warmup, rep=args.rep, device=device, min_calls=1 if args.smoke else 3
+                    )
+                    row["peak_mb"] = None if cell.graphed else peak_memory_mb(cell.step, device=device)
                     rows.append(add_roofline(row, **cost))
-                    _release_cache(device)
-                    continue
-                if name == "reference":
-                    reference = result
-                if reference is not None:
-                    row.update(compare(result, reference, name))
-                row["ms"] = time_ms(
-                    cell.step, warmup=args.warmup, rep=args.rep, device=device, min_calls=1 if args.smoke else 3
-                )
-                row["peak_mb"] = None if cell.graphed else peak_memory_mb(cell.step, device=device)
-                rows.append(add_roofline(row, **cost))
-                print(markdown_table([row]).splitlines()[-1], flush=True)
-            _release_cache(device)
+                    print(markdown_table([row]).splitlines()[-1], flush=True)
+                _release_cache(device)
+    except KeyboardInterrupt:  # gpu_check's time limit sends SIGINT first: keep the rows measured so far
+        print(f"interrupted: writing the {len(rows)} rows measured so far", flush=True)
     add_speedups(rows)
     return rows
 

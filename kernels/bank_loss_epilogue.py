@@ -76,7 +76,7 @@ def _bank_loss_epilogue_kernel(
     g = (mu - v) * grad_scale
     norm = tl.load(norm_ptr + offs_r, mask=row_ok, other=1.0)
     radial = tl.where(norm >= 1e-12, tl.sum(g * a_hat, axis=1), 0.0)
-    grad = (g - a_hat * radial[:, None]) / tl.maximum(norm, 1e-12)[:, None]
+    grad = tl.div_rn(g - a_hat * radial[:, None], tl.maximum(norm, 1e-12)[:, None])
     tl.store(grad_ptr + tile, grad, mask=mask)
 
 

@@ -53,8 +53,9 @@ def _unit_rows_kernel(
     x = x.to(tl.float32) + tl.load(
         b_ptr + rows_b[:, None] * stride_b + offs_d[None, :], mask=in_b[:, None] & d_ok[None, :], other=0.0
     ).to(tl.float32)
-    norm = tl.sqrt(tl.sum(x * x, axis=1))
-    out = x / tl.maximum(norm, 1e-12)[:, None]
+    # IEEE sqrt and division (tl.sqrt / `/` compile to sqrt.approx / div.full on NVIDIA GPUs), as F.normalize
+    norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+    out = tl.div_rn(x, tl.maximum(norm, 1e-12)[:, None])
     row_ok = in_a | in_b
     tl.store(out_ptr + rows_a[:, None] * D + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
     tl.store(norm_ptr + offs_r, norm, mask=row_ok)

@@ -262,3 +262,61 @@ def test_gpu_check_config_sweep_stops_at_its_deadline_and_still_writes(tmp_path)
     assert [r["ms"] for r in rows[:3]] == [1.0, 2.0, 3.0] and len(launched) == 3
     assert len(rows) > 3 and all(r["ms"] == "skipped: deadline" for r in rows[3:])
     assert "Suggested sm_90 table changes" in (tmp_path / "kernel_configs.md").read_text()
+
+
+def test_gpu_check_interrupts_a_step_at_its_limit_so_it_can_report(tmp_path) -> None:
+    """At its time limit a step gets SIGINT before any kill, so pytest can still print its failures and write its
+    XML, and a benchmark its rows: what the step printed after the interrupt reaches the log (stderr included)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    script = (
+        "import sys, time\n"
+        "print('started', flush=True)\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('wrote what ran', file=sys.stderr, flush=True)\n"
+    )
+    log = tmp_path / "step.log"
+    step = gpu_check._run([sys.executable, "-c", script], timeout=2.0, log=log)
+    assert step["returncode"] == "timeout"
+    assert log.read_text().split() == ["started", "wrote", "what", "ran"]
+
+
+def test_an_interrupted_matrix_returns_the_rows_measured_before_it(capsys) -> None:
+    """run_matrix turns an interrupt (gpu_check's SIGINT) into an early return with every row measured so far,
+    which the script then writes; the interrupted cell leaves no row."""
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import harness
+
+    def trial(fn, inputs, mode):
+        return harness.Trial(step=lambda: fn(inputs), first_run=lambda: fn(inputs))
+
+    def interrupted(inputs):
+        raise KeyboardInterrupt
+
+    args = argparse.Namespace(providers=None, compile_targets_only=False, warmup=1, rep=1, smoke=True)
+    rows = harness.run_matrix(
+        args,
+        device="cpu",
+        providers={"reference": lambda x: x.sum(), "triton": lambda x: x.sum() + 0, "other": interrupted},
+        shapes=[(2, 8, 4), (4, 8, 4)],
+        targets=[],
+        modes=("forward",),
+        make_inputs=lambda shape, gen, device: torch.randn(shape, generator=gen),
+        new_row=lambda shape, mode, provider: dict(provider=provider, mode=mode, N=shape[0], K=shape[1], D=shape[2]),
+        trial=trial,
+        compare=lambda result, reference, provider: {"matches_reference": bool(torch.equal(result, reference))},
+        flops_per_nkd=8.0,
+    )
+    assert [(r["provider"], r["N"], r["matches_reference"]) for r in rows] == [
+        ("reference", 2, True),
+        ("triton", 2, True),
+    ]
+    assert all(r["ms"] > 0 for r in rows)
+    assert "interrupted: writing the 2 rows measured so far" in capsys.readouterr().out

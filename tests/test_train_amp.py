@@ -17,8 +17,10 @@ def test_amp_runs_the_forward_under_autocast(tmp_path, amp, dtype):
     seen = []
     real_loss = trainer.method.loss
 
+    device = trainer.ctx.device.type  # cuda on a GPU machine
+
     def spy(views, labels, step):
-        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        seen.append((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))
         return real_loss(views, labels, step)
 
     trainer.method.loss = spy
@@ -36,8 +38,10 @@ def test_no_amp_runs_in_fp32(tmp_path):
     seen = []
     real_loss = trainer.method.loss
 
+    device = trainer.ctx.device.type
+
     def spy(views, labels, step):
-        seen.append(torch.is_autocast_enabled("cpu"))
+        seen.append(torch.is_autocast_enabled(device))
         return real_loss(views, labels, step)
 
     trainer.method.loss = spy
