@@ -9,6 +9,7 @@ before touching anything, so a bad batch leaves the bank exactly as it was.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,13 @@ VALUE_CHECKS = ("immediate", "deferred")
 
 class NonFiniteKeysError(ValueError):
     """``MemoryBank.enqueue`` got NaN or inf keys (a diverged model, typically); the bank is unchanged."""
+
+
+def _positive_int(name: str, value: object) -> int:
+    """``value`` as an int ≥ 1; accepts any integer type (numpy's included), not bools or floats."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def _norm_safe(keys: torch.Tensor) -> torch.Tensor:
@@ -88,10 +96,7 @@ class MemoryBank(nn.Module):
             raise ValueError(f"value_checks must be one of {VALUE_CHECKS}, got {value_checks!r}")
         self.value_checks = value_checks
         self._value_stats: torch.Tensor | None = None  # deferred mode: (2,) stats of the batches since the last take
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive int, got {size!r}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        size, dim = _positive_int("size", size), _positive_int("dim", dim)
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         if init not in INITS:

@@ -98,3 +98,24 @@ def test_compiled_msf_step_matches_eager():
     compiled = torch.compile(step, backend="aot_eager")(x)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(head.weight.grad, eager_grad)
+
+
+@pytest.mark.parametrize("op", ["isd", "moco", "topk"])
+def test_triton_on_cpu_refuses_a_bf16_bank_instead_of_returning_wrong_values(monkeypatch, op):
+    """Triton's interpreter computes bf16 tl.dot wrongly (triton#11584): a CPU call with a bf16 bank would return
+    garbage silently (losses off by 1e11, wrong neighbours), so it is refused; fp16 banks still run."""
+    from fastssl.functional import bank_topk
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-interpreter behaviour; on a GPU bf16 banks run compiled")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend_module, "triton_available", lambda: True)
+    s, t = torch.randn(4, 16), torch.randn(4, 16)
+    bank = torch.nn.functional.normalize(torch.randn(32, 16), dim=1).bfloat16()
+    calls = {
+        "isd": lambda: isd_loss(s, t, bank, backend="triton"),
+        "moco": lambda: moco_loss(s, t, bank, backend="triton"),
+        "topk": lambda: bank_topk(t, bank, 3, backend="triton"),
+    }
+    with pytest.raises(TypeError, match=r"bf16 bank.*triton#11584"):
+        calls[op]()

@@ -100,3 +100,29 @@ def test_nan_scores_rank_last_on_every_backend(backend, small_chunks):
         sims = F.normalize(query[row : row + 1].double(), dim=1) @ bank[finite].double().T
         assert indices[row].tolist() == finite[sims[0].argsort(descending=True, stable=True)[:5]].tolist()
         torch.testing.assert_close(values[row].double(), sims[0].sort(descending=True).values[:5], rtol=0, atol=1e-5)
+
+
+def test_streaming_chunk_with_ties_across_the_kth_place_lists_the_lowest_indices():
+    """Within one chunk far wider than k, 600 exact copies of the best row: torch.topk may return any 5 of them (on
+    CPU it does not return the first five), the streaming backend must return the lowest five indices."""
+    g = torch.Generator().manual_seed(5)
+    query = F.normalize(torch.randn(2, 16, generator=g), dim=1)
+    bank = F.normalize(torch.randn(1000, 16, generator=g), dim=1) * 0.5  # every other similarity is at most 0.5
+    bank[300:900] = query[0]
+    values, indices = topk_module.bank_topk_streaming(query, bank, 5, chunk_size=1000)
+    assert indices[0].tolist() == [300, 301, 302, 303, 304]
+    torch.testing.assert_close(values[0], torch.ones(5), rtol=0, atol=1e-6)
+    assert torch.equal(indices, oracle(query, bank, 5)[1])
+
+
+def test_streaming_chunk_with_nan_rows_keeps_every_finite_neighbour():
+    """torch.topk ranks NaN first: three NaN rows in an 8-row chunk would take three of its five places. The streaming
+    backend ranks them last and returns the five finite rows (the chunk is wider than k + 1)."""
+    g = torch.Generator().manual_seed(6)
+    query = F.normalize(torch.randn(1, 16, generator=g), dim=1)
+    bank = F.normalize(torch.randn(8, 16, generator=g), dim=1)
+    bank[[0, 3, 6]] = float("nan")
+    _, indices = topk_module.bank_topk_streaming(query, bank, 5, chunk_size=8)
+    finite = [1, 2, 4, 5, 7]
+    sims = (query.double() @ bank[finite].double().T)[0]
+    assert indices[0].tolist() == [finite[j] for j in sims.argsort(descending=True).tolist()]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from device_reads import DeviceReads
 
 from fastssl import MemoryBank
-from fastssl.functional import byol_loss, isd_loss, moco_loss, msf_loss, nnclr_loss, ressl_loss
+from fastssl.functional import byol_loss, isd_loss, moco_loss, msf_loss, nnclr_loss, ressl_loss, sdssl_loss
 from fastssl.losses import BYOLLoss, ISDLoss, MoCoLoss, MSFLoss, NNCLRLoss, ReSSLLoss, SDSSLLoss
 
 
@@ -194,9 +194,55 @@ def test_msf_module_checks_its_settings_when_built(kwargs, match):
         (lambda: NNCLRLoss(8, 16, backend="fast"), "backend must be one of"),
         (lambda: SDSSLLoss(10, 1.0, method="simclr"), "method must be one of"),
         (lambda: SDSSLLoss(10, float("nan")), "ratio"),
+        (lambda: SDSSLLoss(0, 0.5), r"total_steps .* must be a positive int, got 0"),
     ],
 )
 def test_modules_check_their_settings_when_built(build, match):
     """A bad temperature, backend or schedule fails when the module is built, not at its first forward."""
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_msf_refuses_k_beyond_the_rows_the_bank_would_hold_before_writing():
+    """An init='empty' bank with fewer valid rows after this batch's enqueue than k: refused before the enqueue,
+    so the bank stays empty (it used to keep the batch while the search refused)."""
+    module = MSFLoss(bank=MemoryBank(16, 4, init="empty"), k=5, backend="streaming")
+    with pytest.raises(ValueError, match=r"k=5 neighbours, but the bank would hold only 2 valid rows .* unchanged"):
+        module(torch.randn(2, 4), torch.randn(2, 4))
+    assert len(module.bank) == 0 and int(module.bank.ptr) == 0
+    module(torch.randn(5, 4), torch.randn(5, 4))  # five rows after the enqueue: k = 5 is fine
+    assert len(module.bank) == 5
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: isd_loss(torch.randn(4, 0), torch.randn(4, 0), torch.randn(10, 0)), ValueError, r"D = 0"),
+        (lambda: byol_loss(torch.randn(4, 0), torch.randn(4, 0)), ValueError, r"D = 0"),
+        (lambda: moco_loss(*batch(4), torch.randn(10, 16), tau="0.1"), TypeError, r"tau must be a number, got str"),
+        (lambda: isd_loss(*batch(4), torch.randn(10, 16), tau_teacher=True), TypeError, r"tau_teacher must be a num"),
+        (lambda: sdssl_loss(torch.randn(0, 4, 8), torch.randn(4, 8), alpha=0.5), ValueError, r"L, N, D ≥ 1"),
+        (
+            lambda: sdssl_loss(torch.randn(2, 4, 8), torch.ones(4, 8, dtype=torch.int64), alpha=0.5),
+            TypeError,
+            "teacher",
+        ),
+        (lambda: ReSSLLoss(8, 16, backend="streaming")([], torch.randn(4, 8)), ValueError, "no crops given"),
+    ],
+)
+def test_degenerate_inputs_are_refused_instead_of_giving_a_number(call, error, match):
+    """Inputs that used to return 0, 2 or NaN silently (no features, no layers), or a ZeroDivisionError (no crops),
+    and temperatures given as strings or bools, now raise a clear error."""
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_memory_bank_takes_any_integer_type_for_its_sizes():
+    """Sizes computed with numpy are integers too; bools and floats are not."""
+    import numpy as np
+
+    bank = MemoryBank(np.int64(4), np.int32(3))
+    assert (bank.size, bank.dim) == (4, 3) and type(bank.size) is int
+    for size in (True, 4.0, 0):
+        with pytest.raises(ValueError, match="size must be a positive int"):
+            MemoryBank(size, 3)

@@ -54,6 +54,8 @@ def check_embeddings(name: str, x: torch.Tensor, *, like: torch.Tensor | None = 
         raise TypeError(f"{name} must be floating point, got {x.dtype}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is empty")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no features (D = 0)")
     if like is not None:
         if x.shape != like.shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)} but {like_name} has shape {tuple(like.shape)}")
@@ -106,7 +108,10 @@ def bank_rows(bank: torch.Tensor | MemoryBank, query: torch.Tensor, *, shardable
     if rows.shape[1] != query.shape[1]:
         raise ValueError(f"bank has dim {rows.shape[1]} but the embeddings have dim {query.shape[1]}")
     if rows.shape[0] == 0 and not is_sharded_bank(bank):  # a shard's emptiness is agreed on by all ranks in the op
-        raise ValueError("bank has no valid rows yet (an init='empty' bank needs an enqueue first)")
+        raise ValueError(
+            "bank has no valid rows yet: an init='empty' bank needs an enqueue first (the loss modules enqueue after "
+            "the loss, so fill theirs first or build it with init='random', as the official code does)"
+        )
     if rows.device != query.device:
         raise ValueError(f"bank is on {rows.device} but the embeddings are on {query.device}")
     return rows
@@ -114,6 +119,8 @@ def bank_rows(bank: torch.Tensor | MemoryBank, query: torch.Tensor, *, shardable
 
 def check_temperature(name: str, tau: float) -> float:
     """τ must be a positive finite number; returns it as a float."""
+    if isinstance(tau, (str, bytes, bool)):  # float("0.1") and float(True) would pass silently
+        raise TypeError(f"{name} must be a number, got {type(tau).__name__} {tau!r}")
     tau = float(tau)
     if not (tau > 0 and tau < float("inf")):
         raise ValueError(f"{name} must be a positive finite temperature, got {tau}")

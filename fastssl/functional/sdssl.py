@@ -66,8 +66,11 @@ def sdssl_loss(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if not 0 <= float(alpha) < float("inf"):
         raise ValueError(f"alpha must be a finite weight ≥ 0, got {alpha}")
-    if student.dim() != 3:
-        raise ValueError(f"student must have shape (L, N, D), got {tuple(student.shape)}")
+    if student.dim() != 3 or 0 in student.shape:
+        raise ValueError(f"student must have shape (L, N, D) with L, N, D ≥ 1, got {tuple(student.shape)}")
+    for name, value in (("student", student), ("teacher", teacher)):
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {value.dtype}")
     if teacher.shape != student.shape[1:]:
         raise ValueError(f"teacher must have shape {tuple(student.shape[1:])} (N, D), got {tuple(teacher.shape)}")
     if predictor_only is not None and predictor_only.shape != student.shape:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastssl.bank import MemoryBank
+from fastssl.collectives import distributed_world
 from fastssl.functional.bank_topk import bank_topk
 from fastssl.functional.inputs import check_embeddings, check_query_precision
 from fastssl.functional.msf import msf_loss
@@ -57,6 +58,13 @@ class MSFLoss(nn.Module):
         # it was (the enqueue checks the targets' values and the labels itself).
         check_embeddings("query", query)
         check_embeddings("target", target, like=query, like_name="query")
+        if distributed_world() <= 1:  # under torchrun the rows gathered are known after the enqueue (on every rank)
+            rows_after = min(self.bank.size, len(self.bank) + target.shape[0])
+            if self.k > rows_after:
+                raise ValueError(
+                    f"k={self.k} neighbours, but the bank would hold only {rows_after} valid rows after enqueuing this "
+                    f"batch; the bank is unchanged (fill it first, or use a bank created with init='random')"
+                )
         stored_labels = labels if self.bank.label_queue is not None else None
         self.bank.enqueue(target.detach(), stored_labels)
         # One search serves the loss and the purity monitor, as in the official code.

@@ -81,6 +81,8 @@ class ReSSLLoss(nn.Module):
     ) -> torch.Tensor:
         alpha = self.alpha(self._host_step if step is None else step)
         crops = [student] if isinstance(student, torch.Tensor) else list(student)
+        if not crops:
+            raise ValueError("student: no crops given (a tensor, or a non-empty sequence of per-crop tensors)")
         loss = 0.0
         for crop in crops:
             if alpha > 0:

@@ -50,13 +50,16 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor, triton_ok: bool = True) -> str:
+def resolve_backend(
+    backend: str, *tensors: torch.Tensor, triton_ok: bool = True, bank: torch.Tensor | None = None
+) -> str:
     """Turns a user's ``backend`` argument into the concrete backend for these tensors.
 
     Args:
         backend: one of ``"auto"``, ``"reference"``, ``"streaming"``, ``"triton"``.
         *tensors: the op's tensor inputs; they decide the device.
         triton_ok: whether the kernels serve this call (:func:`triton_serves`); "auto" needs it to pick Triton.
+        bank: the bank rows (also among ``tensors``): their dtype is the kernels' tensor-core dtype.
 
     Returns:
         ``"reference"``, ``"streaming"`` or ``"triton"``.
@@ -64,6 +67,8 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, triton_ok: bool = True
     Raises:
         ValueError: unknown backend name.
         RuntimeError: ``"triton"`` was asked for but cannot run here.
+        TypeError: ``"triton"`` with fp64 inputs, or on CPU tensors with a bf16 bank (the interpreter's bf16 dots are
+            wrong).
     """
     check_backend(backend)
     on_cuda = any(t.is_cuda for t in tensors)
@@ -79,6 +84,11 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, triton_ok: bool = True
             )
         if any(t.dtype == torch.float64 for t in tensors):
             raise TypeError('backend="triton" does not support float64; use backend="streaming" or "reference"')
+        if not on_cuda and bank is not None and bank.dtype == torch.bfloat16:
+            raise TypeError(
+                'backend="triton" on CPU tensors with a bf16 bank: Triton\'s interpreter computes bf16 tl.dot wrongly '
+                '(triton#11584); use backend="streaming" on CPU (bf16 banks run compiled on a GPU)'
+            )
     return backend
 
 

@@ -140,7 +140,7 @@ def bank_info_nce(
     Returns:
         Scalar (or (N,)) in fp32 (fp64 for fp64 inputs).
     """
-    backend = resolve_backend(backend, query, key, bank, triton_ok=triton_serves(bank))
+    backend = resolve_backend(backend, query, key, bank, triton_ok=triton_serves(bank), bank=bank)
     if sharded and backend == "reference":
         raise ValueError('a sharded bank needs the "streaming" or "triton" backend (the reference sees one shard)')
     if backend == "reference":

@@ -185,7 +185,7 @@ def soft_bank_cross_entropy(
     Returns:
         Scalar (or (N,) for ``"none"``) in fp32 (fp64 for fp64 inputs).
     """
-    backend = resolve_backend(backend, student, teacher, bank, triton_ok=triton_serves(bank))
+    backend = resolve_backend(backend, student, teacher, bank, triton_ok=triton_serves(bank), bank=bank)
     if sharded and backend == "reference":
         raise ValueError('a sharded bank needs the "streaming" or "triton" backend (the reference sees one shard)')
     if backend == "reference":
