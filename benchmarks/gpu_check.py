@@ -100,7 +100,10 @@ def _run(cmd: list[str], timeout: float, log: Path | None = None) -> dict:
             out, _ = proc.communicate(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, _ = proc.communicate()
+            try:  # a grandchild holding the pipe open must not hold gpu_check past the device limit
+                out, _ = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                out = "(output lost: the step was killed and a child process kept its pipe open)"
     if log is not None:
         log.write_text(out, encoding="utf-8")
     print(out[-3000:], flush=True)
@@ -376,8 +379,10 @@ def main(argv: list[str] | None = None) -> int:
                 steps.append({"cmd": "config_sweep", "returncode": "skipped: deadline", "seconds": 0.0})
                 continue
             try:
-                # leave the benchmarks selected after the sweep their time limits
-                reserve = sum(scripts[later][2] for later in selected[selected.index(name) + 1 :] if later in scripts)
+                # leave the benchmarks selected after the sweep their time limits (plus step()'s 20 s margin each),
+                # but at most half of what is left: the sweep always gets the other half
+                later = [n for n in selected[selected.index(name) + 1 :] if n in scripts]
+                reserve = min(sum(scripts[n][2] + 20 for n in later), left() / 2)
                 config_sweep(out_dir, time_left=lambda reserve=reserve: left() - reserve)
                 steps.append({"cmd": "config_sweep", "returncode": 0, "seconds": round(time.perf_counter() - t0, 1)})
             except Exception as exc:  # noqa: BLE001 - recorded, the results above stay valid

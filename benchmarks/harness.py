@@ -650,6 +650,7 @@ def run_matrix(
                 _release_cache(device)
     except KeyboardInterrupt:  # gpu_check's time limit sends SIGINT first: keep the rows measured so far
         print(f"interrupted: writing the {len(rows)} rows measured so far", flush=True)
+        args.interrupted = True  # write_matrix_results says so in the results' notes
     add_speedups(rows)
     return rows
 
@@ -751,6 +752,8 @@ def write_matrix_results(
     """
     env = environment("cpu" if args.smoke else args.device)
     out_dir = args.out_dir or (SMOKE_DIR if args.smoke else None)
+    if getattr(args, "interrupted", False):
+        notes = "INTERRUPTED at its time limit: only the rows measured before it are here.\n\n" + notes
     notes += f"\n\n{targets_heading}:\n" + check_targets(rows, targets)
     paths = write_results(
         stem, rows, title=title, plot=lambda r: plot_providers(r, stem), out_dir=out_dir, env=env, notes=notes

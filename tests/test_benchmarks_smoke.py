@@ -320,3 +320,4 @@ def test_an_interrupted_matrix_returns_the_rows_measured_before_it(capsys) -> No
     ]
     assert all(r["ms"] > 0 for r in rows)
     assert "interrupted: writing the 2 rows measured so far" in capsys.readouterr().out
+    assert args.interrupted  # write_matrix_results marks the results as cut short

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -29,7 +31,7 @@ class SDSSLLoss(nn.Module):
             raise ValueError(f"method must be one of {SDSSL_METHODS}, got {method!r}")
         if not 0 <= ratio < float("inf"):
             raise ValueError(f"ratio (the final α) must be ≥ 0 and finite, got {ratio}")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
             raise ValueError(f"total_steps (the α schedule's length) must be a positive int, got {total_steps!r}")
         self.total_steps, self.ratio, self.tau, self.method = total_steps, ratio, check_temperature("tau", tau), method
         self.register_buffer("step", torch.zeros((), dtype=torch.long))

@@ -4,8 +4,7 @@ Used by MSF (neighbours of the target, Koohpayegani et al. 2021, arXiv:2105.0726
 neighbour, Dwibedi et al. 2021, arXiv:2104.14548), MSF purity and kNN evaluation.
 
 Tie-breaking: a stable descending sort keeps equal values in input order. The streaming backend takes each chunk's
-exact top-k (torch.topk's columns when no tie crosses the k-th place, else the k-th value and then the lowest-indexed
-ties), keeps its running top-k sorted by
+exact top-k (torch.topk for the k-th value, then the lowest-indexed ties), keeps its running top-k sorted by
 (value desc, index asc), and appends each chunk's (all of whose indices are larger) before a stable sort, so the
 invariant holds after every merge and equals a stable sort of the full row.
 
@@ -45,22 +44,6 @@ def bank_topk_reference(query: torch.Tensor, bank: torch.Tensor, k: int) -> tupl
 
 def _chunk_topk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of each row of ``sims`` (N, c) by (value desc, column asc), without sorting the whole row.
-
-    Fast path: torch.topk's k columns are the exact set when no row has a NaN among its k + 1 largest (torch.topk
-    ranks NaN first; the backends rank it last) and no row's (k+1)-th largest equals its k-th (a tie across the k-th
-    place, where torch.topk may pick any of the equal columns). Only their order within ties needs fixing: a stable
-    sort of the k columns in ascending order. Otherwise :func:`_chunk_topk_ties`.
-    """
-    values, columns = sims.topk(min(k + 1, sims.shape[1]), dim=1)
-    tie = values.shape[1] > k and bool((values[:, k] == values[:, k - 1]).any())
-    if tie or bool(values.isnan().any()):
-        return _chunk_topk_ties(sims, k)
-    columns = columns[:, :k].sort(dim=1).values
-    return _stable_topk(sims.gather(1, columns), columns, k)
-
-
-def _chunk_topk_ties(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_chunk_topk` for chunks with ties across the k-th place or NaN scores.
 
     torch.topk finds the k-th largest value v_k but may pick any of several columns equal to it; so keep every column
     with value > v_k, then the lowest-indexed columns equal to v_k until each row has exactly k. Ranked by
@@ -113,7 +96,7 @@ def bank_topk(
 
     Registered as ``fastssl::bank_topk`` for torch.compile; eager calls skip the dispatcher.
     """
-    backend = resolve_backend(backend, query, bank, triton_ok=triton_serves(bank, k=k), bank=bank)
+    backend = resolve_backend(backend, query, bank, triton_ok=triton_serves(bank, k=k))
     if backend == "reference":
         with torch.no_grad():
             return bank_topk_reference(query, bank, k)
