@@ -96,7 +96,7 @@ def bank_topk(
 
     Registered as ``fastssl::bank_topk`` for torch.compile; eager calls skip the dispatcher.
     """
-    backend = resolve_backend(backend, query, bank, triton_ok=triton_serves(bank, k=k))
+    backend = resolve_backend(backend, query, bank, triton_ok=triton_serves(bank, k=k), bank=bank)
     if backend == "reference":
         with torch.no_grad():
             return bank_topk_reference(query, bank, k)
